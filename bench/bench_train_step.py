@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from capo.config import from_dict
+from capo.models.base import DiffusionAdapter
 from capo.pipeline.generate import model_spec
 from capo.pipeline.rundir import PAIRS_SCHEMA, RunDir, embeddings_table, samples_table, shard_name
 from capo.pipeline.rundir import write_table_atomic as write
@@ -46,14 +47,18 @@ def base_model_dir(root: Path, size: str) -> str:
     return str(root / "base")
 
 
-def synthetic_run(root: Path, model_dir: str, prompts: int = 16, samples: int = 4) -> RunDir:
-    """generate + select outputs: random latents, real cached embeddings, X+ = {0, 1}, X- = {last}."""
+def synthetic_run(root: Path, model_dir: str, prompts: int = 16, samples: int = 4,
+                  adapter: DiffusionAdapter | None = None) -> RunDir:
+    """generate + select outputs: random latents, real cached embeddings, X+ = {0, 1}, X- = {last}.
+
+    ``adapter``: the model of ``model_dir`` already loaded with its text encoders (else loaded on CPU).
+    """
     from capo.models.base import detect_family, load_model
     from capo.shapes.world import make_prompts
 
     run = RunDir.at(root / "run")
     run.write_base_model(model_spec(model_dir, None))
-    adapter = load_model(*detect_family(model_dir), device="cpu")
+    adapter = adapter or load_model(*detect_family(model_dir), device="cpu")
     specs = make_prompts("train")[:prompts]
     pids = [s.prompt_id for s in specs]
     write(embeddings_table(pids, adapter.encode_prompts([s.text for s in specs])),
