@@ -62,10 +62,12 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
                 raise ValueError(value)
             return inner(value)
         if inner is dict or typing.get_origin(inner) is dict:
+            if isinstance(value, str):  # a flag: --model-options '{load_t5: false}'
+                value = yaml.safe_load(value) or {}
             if not isinstance(value, dict):
                 raise ValueError(value)
             return dict(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, yaml.YAMLError):
         raise CapoError(
             f"config key '{key}' expects {getattr(inner, '__name__', inner)}, got {value!r}",
             path=source,

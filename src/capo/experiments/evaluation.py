@@ -154,7 +154,9 @@ def load_eval_set(data: RunDir, cfg: EvaluateConfig, cache: Path) -> EvalSet:
     steps = cfg.steps if cfg.steps is not None else gen.get("steps")
     guidance = cfg.guidance if cfg.guidance is not None else gen.get("guidance")
     prompts = subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed)
-    rewards = {name: load_scorer(name, ScoreConfig(reward=[name], device=cfg.device)) for name in cfg.reward}
+    rewards = {name: load_scorer(name, ScoreConfig(reward=[name], device=cfg.device,
+                                                   reward_options=cfg.reward_options))
+               for name in cfg.reward}
     es = EvalSet(spec, cfg, prompts, steps, guidance, rewards, [], {})
     meta = {"spec": spec, "evaluate": to_dict(cfg), "steps": steps, "guidance": guidance,
             "higher_is_better": {n: bool(r.higher_is_better) for n, r in rewards.items()}}

@@ -10,6 +10,7 @@ eval/results.md, eval/scores.csv, eval/grid.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from capo.models.base import DiffusionAdapter
 from capo.pipeline.generate import DTYPES, load_base, resolve_device, sample_seed
 from capo.pipeline.prompts import Prompt, load_prompts, subset
 from capo.pipeline.rundir import RunDir, write_text_atomic
-from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, load_scorer, score_images
+from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, check_reward_options, load_scorer, score_images
 
 
 @dataclass
@@ -49,8 +50,10 @@ class EvaluateConfig:
     grid_prompts: int = doc("prompts shown in eval/grid.png (first seed)", 8)
     device: str = doc("device: auto, cpu, cuda, ...", "auto")
     dtype: str = doc("model dtype: float32, float16 or bfloat16", "float32")
+    reward_options: dict = doc("per-reward loader options (default: those of the run's score stage)", {})
 
     def validate(self) -> None:
+        check_reward_options(self.reward_options)
         for key in ("seeds", "batch_size", "n_boot"):
             if getattr(self, key) < 1:
                 raise CapoError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
@@ -75,7 +78,8 @@ def sample_all(adapter: DiffusionAdapter, prompts: list[Prompt], cfg: EvaluateCo
 def reward_report(name: str, cfg: EvaluateConfig, base: list[Image.Image], tuned: list[Image.Image],
                   prompts: list[Prompt]) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Win-rate (%) with bootstrap CI and mean raw scores; raw scores [P, S] of base and tuned."""
-    reward = load_scorer(name, ScoreConfig(reward=[name], device=cfg.device))
+    scorer = ScoreConfig(reward=[name], device=cfg.device, reward_options=cfg.reward_options)
+    reward = load_scorer(name, scorer)
     texts = [p.prompt for p in prompts for _ in range(cfg.seeds)]
     labels = [f"prompt {p.prompt_id} seed {s}" for p in prompts for s in range(cfg.seeds)]
     raw_b = score_images(reward, name, base, texts, [f"base {x}" for x in labels]).reshape(len(prompts), -1)
@@ -102,12 +106,21 @@ def gold_report(spec: dict[str, Any], prompts: list[Prompt], cfg: EvaluateConfig
     return {"base": gold_accuracy(base, specs), "tuned": gold_accuracy(tuned, specs)}
 
 
+def with_score_options(run: RunDir, cfg: EvaluateConfig) -> EvaluateConfig:
+    """``cfg`` with the reward options of the run's score stage when it gives none itself."""
+    if cfg.reward_options:
+        return cfg
+    scored = run.load_config().get("score", {})
+    return dataclasses.replace(cfg, reward_options=scored.get("reward_options", {}))
+
+
 def evaluate(run: RunDir, cfg: EvaluateConfig) -> dict[str, Any]:
     """Write eval/results.json, results.md, scores.csv, grid.png; returns the results dict."""
     spec = run.read_base_model()
     tuned_dir = Path(cfg.tuned) if cfg.tuned else run.model_dir
     if not tuned_dir.is_dir():
         raise CapoError("no tuned model; run `capo train` first (or pass --tuned DIR)", path=str(tuned_dir))
+    cfg = with_score_options(run, cfg)
     scored = run.load_config().get("score", {}).get("reward")
     names = cfg.reward or scored or run.reward_names() or DEFAULT_REWARDS
     prompts = subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed)

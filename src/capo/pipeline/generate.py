@@ -39,8 +39,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 #: keys whose change makes existing samples incompatible with a rerun
-SAMPLE_KEYS = ("model", "family", "prompts", "num_prompts", "samples_per_prompt", "steps", "guidance",
-               "seed", "chunk_size", "dtype")
+SAMPLE_KEYS = ("model", "family", "model_options", "prompts", "num_prompts", "samples_per_prompt", "steps",
+               "guidance", "seed", "chunk_size", "dtype")
+#: load_base's own keywords, which model_options may not set
+RESERVED_OPTIONS = ("device", "dtype", "load_text_encoders", "load_vae")
 
 
 @dataclass
@@ -49,6 +51,9 @@ class GenerateConfig:
 
     model: str = doc("base model: built-in name (shapes-vp, shapes-flow), local dir or hub id", "shapes-vp")
     family: str | None = doc("model family override (default: detected from --model)", None)
+    model_options: dict = doc("options of the family's loader, e.g. {load_t5: false, resolution: 512, "
+                              "scheduler: ddim, lora_ff: true} (docs/models.md); recorded in "
+                              "base_model.json and reused by train and evaluate", {})
     prompts: str = doc("prompt file (txt/csv/jsonl/parquet) or built-in set (shapes:train, ...)",
                        "shapes:train")
     num_prompts: int | None = doc("use a deterministic, category-balanced subset of this many prompts",
@@ -70,6 +75,10 @@ class GenerateConfig:
             raise CapoError(f"config key 'steps' must be >= 1, got {self.steps}")
         if self.dtype not in DTYPES:
             raise CapoError(f"config key 'dtype' must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        reserved = sorted(set(self.model_options) & set(RESERVED_OPTIONS))
+        if reserved:
+            raise CapoError(f"config key 'model_options.{reserved[0]}' is set by capo itself "
+                            "(use --device / --dtype)")
 
 
 @dataclass
@@ -108,8 +117,8 @@ def resolve_device(device: str, state: Any | None = None) -> torch.device:
     return torch.device(device)
 
 
-def model_spec(model: str, family: str | None) -> dict[str, Any]:
-    """{model, family, path} for --model/--family (local paths made absolute)."""
+def model_spec(model: str, family: str | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{model, family, path, options} for --model/--family/--model-options (local paths made absolute)."""
     if family is None:
         family, path = detect_family(model)
     else:
@@ -118,13 +127,15 @@ def model_spec(model: str, family: str | None) -> dict[str, Any]:
         path = None if model == family else model
     if path is not None and Path(path).exists():
         path = str(Path(path).resolve())
-    return {"model": model, "family": family, "path": path}
+    return {"model": model, "family": family, "path": path, "options": dict(options or {})}
 
 
 def load_base(
     spec: dict[str, Any], device: torch.device, dtype: str = "float32", **options: Any
 ) -> DiffusionAdapter:
-    """The adapter of a recorded model spec, on ``device`` in ``dtype``, in eval mode."""
+    """The adapter of a recorded model spec (with its recorded loader options; ``options`` add to
+    them), on ``device`` in ``dtype``, in eval mode."""
+    options = {**spec.get("options", {}), **options}
     adapter = load_model(spec["family"], spec["path"], device=device, dtype=DTYPES[dtype], **options)
     adapter.denoiser.eval()
     return adapter
@@ -176,7 +187,7 @@ def generate(run: RunDir, cfg: GenerateConfig) -> GenerateReport:
     """Run stage ``generate`` on this process's chunks; skip chunks already written (resume)."""
     state = process_state()
     prompts = subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed)
-    spec = model_spec(cfg.model, cfg.family)
+    spec = model_spec(cfg.model, cfg.family, cfg.model_options)
     _check_compatible(run, cfg, prompts)
     if state.is_main_process:
         write_table_atomic(prompts_table(prompts), run.prompts_path)

@@ -28,7 +28,7 @@ from capo.config import doc, to_dict
 from capo.errors import CapoError
 from capo.pipeline.generate import process_state
 from capo.pipeline.rundir import RunDir, shard_files, shard_name, write_table_atomic
-from capo.rewards.base import RewardModel, available_rewards, load_reward
+from capo.rewards.base import RewardModel, available_rewards, load_reward, reward_options
 
 DEFAULT_REWARDS = ["shapes-alignment", "shapes-aesthetic", "shapes-preference"]
 META_KEY = b"capo"
@@ -41,6 +41,8 @@ class ScoreConfig:
     reward: list[str] = doc("reward models to score with (registry names; repeat the flag)", DEFAULT_REWARDS)
     batch_size: int | None = doc("images per reward batch (default: the reward's own)", None)
     device: str = doc("device passed to rewards that take one: auto, cpu, cuda, ...", "auto")
+    reward_options: dict = doc("per-reward loader options, e.g. {mps: {checkpoint: /ckpt/mps.pth}, "
+                               "vqascore: {model_id: llava-hf/llava-1.5-13b-hf}} (docs/rewards.md)", {})
 
     def validate(self) -> None:
         if not self.reward:
@@ -49,6 +51,7 @@ class ScoreConfig:
             raise CapoError(f"config key 'reward' lists a reward twice: {self.reward}")
         if self.batch_size is not None and self.batch_size < 1:
             raise CapoError(f"config key 'batch_size' must be >= 1, got {self.batch_size}")
+        check_reward_options(self.reward_options)
 
 
 def reward_meta(reward: RewardModel) -> dict[str, Any]:
@@ -111,14 +114,21 @@ def score_shard(reward: RewardModel, name: str, shard: Path, prompts: dict[str, 
     return pa.table({"prompt_id": ids, "sample_idx": idxs, "raw": raw}, schema=schema)
 
 
+def check_reward_options(options: dict) -> None:
+    """``reward_options`` must map reward names to mappings of options."""
+    for name, opts in options.items():
+        if not isinstance(opts, dict):
+            raise CapoError(f"config key 'reward_options.{name}' must be a mapping of options, got {opts!r}")
+
+
 def load_scorer(name: str, cfg: ScoreConfig) -> RewardModel:
-    """The reward ``name`` on the configured device, with the configured batch size."""
-    try:
-        reward = load_reward(name, **({} if cfg.device == "auto" else {"device": cfg.device}))
-    except TypeError as e:  # a reward without a device (e.g. numpy-only): load it plainly
-        if "device" not in str(e):
-            raise
-        reward = load_reward(name)
+    """The reward ``name`` with its ``reward_options``, on the configured device if its loader
+    takes one (prompt-blind numpy rewards do not), with the configured batch size."""
+    options = dict(cfg.reward_options.get(name, {}))
+    accepted = reward_options(name)
+    if cfg.device != "auto" and (accepted is None or "device" in accepted):
+        options.setdefault("device", cfg.device)
+    reward = load_reward(name, **options)
     if cfg.batch_size is not None:
         reward.batch_size = cfg.batch_size
     return reward

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
@@ -99,6 +100,20 @@ def _resolve(name: str) -> RewardFactory:
     raise CapoError(f"unknown reward '{name}' (available: {', '.join(available_rewards())})")
 
 
+def reward_options(name: str) -> set[str] | None:
+    """Keyword options the factory of ``name`` accepts (None: any, it takes ``**kwargs``)."""
+    params = inspect.signature(_resolve(name)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def load_reward(name: str, **kwargs: Any) -> RewardModel:
-    """Build a reward model by registry name; unknown names are a CapoError listing the known."""
+    """Build a reward model by registry name with the factory's keyword options (weights path,
+    device, dtype, ...); an unknown name or option is a CapoError listing the known ones."""
+    accepted = reward_options(name)
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    if unknown:
+        raise CapoError(f"reward '{name}': unknown option '{unknown[0]}' "
+                        f"(accepted: {', '.join(sorted(accepted)) or 'none'})")
     return _resolve(name)(**kwargs)
