@@ -25,7 +25,7 @@ ACCEL = [p for p in ALL_YAML if p.parent == ACCELERATE]
 RUN = [p for p in ALL_YAML if p not in EXPERIMENT and p not in ACCEL]
 
 #: accelerate file -> its distributed_type
-ACCEL_TYPES = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed-zero2.yaml": "DEEPSPEED"}
+ACCEL_TYPES = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP"}
 
 
 def resolve(path: Path, sets: list[str] | None = None):
@@ -132,7 +132,7 @@ def test_accelerate_configs_parse_and_name_known_keys(path):
     config = load_config_from_file(str(path))  # accelerate's loader: unknown top-level keys raise
     assert config.distributed_type.value == ACCEL_TYPES[path.name]
     dests = launch_dests()  # nested keys become `accelerate launch` arguments (fsdp_ prefixed)
-    nested = list(raw.get("deepspeed_config", {})) + list(raw.get("fsdp_config", {}))
+    nested = list(raw.get("fsdp_config", {}))
     assert [k for k in nested if k not in dests] == []
 
 
@@ -145,10 +145,7 @@ def test_accelerate_launch_accepts_the_config(path):
         ["--config_file", str(path), "-m", "capo.cli", "train", "--run", "RUN", "--config", "FILE"])
     args, _, _ = _validate_launch_command(args)
     assert args.training_script_args == ["train", "--run", "RUN", "--config", "FILE"]
-    expected = (path.name == "fsdp.yaml", path.name == "deepspeed-zero2.yaml")
-    assert (args.use_fsdp, args.use_deepspeed) == expected
-    if args.use_deepspeed:
-        assert (args.zero_stage, args.gradient_accumulation_steps) == (2, 1)
+    assert (args.use_fsdp, args.use_deepspeed) == (path.name == "fsdp.yaml", False)
 
 
 def test_fsdp_config_builds_accelerates_fsdp2_plugin(monkeypatch):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -110,3 +112,24 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, tiny_config,
     summary = json.loads((run / "model" / "train_summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["steps"] == 2
     assert "[capo run] train: done" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_two_processes(tmp_path, tiny_config):
+    """generate, score and train split over 2 processes; calibrate, select and evaluate run once."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "capo.cli", "run",
+           "--config", tiny_config, "--run-dir", str(run), "--set", "threads=1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["part-00000-00000.parquet",
+                                                                   "part-00001-00001.parquet"]
+    summary = json.loads((run / "model" / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+    assert json.loads((run / "eval" / "results.json").read_text())["rewards"]
+    for stage in STAGES:  # logged by the main process only
+        assert done.stdout.count(f"[capo run] {stage}: done") == 1, done.stdout
+    assert done.stdout.count("[capo run] finished") == 1 and "| tuned |" in done.stdout

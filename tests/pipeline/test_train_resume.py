@@ -16,17 +16,13 @@ from test_train import base_model, config, make_run  # noqa: F401 - base_model i
 
 import capo.pipeline.train as T
 from capo.errors import CapoError
+from capo.pipeline.checkpoint import LORA_STATE, checkpoints
 
 SETTINGS = {"max_steps": 6, "checkpoint_every": 3, "batch_size": 2, "lr_schedule": "cosine",
             "warmup_steps": 2, "keep_checkpoints": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def copy_run(src, dst):
@@ -65,14 +61,16 @@ def test_stop_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, whole,
     with pytest.raises(Stop):
         T.train(config(cut, **SETTINGS))
     monkeypatch.setattr(T, "save_checkpoint", save)
-    assert sorted(T.checkpoints(cut)) == [3] and not cut.model_dir.exists()
+    assert sorted(checkpoints(cut)) == [3] and not cut.model_dir.exists()
+    saved = sorted(p.name for p in checkpoints(cut)[3].iterdir())  # LoRA only, not the frozen base
+    assert LORA_STATE in saved and not [n for n in saved if n.startswith(("model", "pytorch_model"))], saved
     with pytest.raises(CapoError, match="checkpoints exist; pass --resume"):
         T.train(config(cut, **SETTINGS))
     with pytest.raises(CapoError, match="--beta 1.0 differs from the checkpoint's 1000.0"):
         T.train(config(cut, resume=True, **{**SETTINGS, "beta": 1.0}))
     summary = T.train(config(cut, resume=True, **SETTINGS))
     assert summary["resumed_from"] == 3
-    assert sorted(T.checkpoints(cut)) == [6]  # keep_checkpoints=1 pruned step-3
+    assert sorted(checkpoints(cut)) == [6]  # keep_checkpoints=1 pruned step-3
     assert_same_weights(whole, cut)
 
 
@@ -97,7 +95,7 @@ def test_kill_9_during_training_then_resume_equals_uninterrupted(tmp_path, whole
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert running and first.is_file(), proc.stderr.read()[-2000:]
-    assert not killed.model_dir.exists() and sorted(T.checkpoints(killed)) == [3]
+    assert not killed.model_dir.exists() and sorted(checkpoints(killed)) == [3]
     resumed = cli(killed, "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
     assert json.loads((killed.model_dir / "train_summary.json").read_text())["resumed_from"] == 3

@@ -207,7 +207,8 @@ def copy_model(src: Path, dst: Path) -> None:
 
 def train_cell(layout: Layout, cell: Cell, run: RunDir, template: Any) -> bool:
     """Select pairs, then train to each snapshot step in turn (resuming), keeping each model."""
-    from capo.pipeline.train import checkpoints, train
+    from capo.pipeline.checkpoint import checkpoints
+    from capo.pipeline.train import train
 
     if not run.pairs_path.is_file():
         select_pairs(run, select_config(cell))

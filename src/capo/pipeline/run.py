@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from capo.config import doc, from_dict, load_yaml, to_dict
 from capo.errors import CapoError
 from capo.pipeline.calibrate import CalibrateConfig, calibrate_run
 from capo.pipeline.evaluate import EvaluateConfig, evaluate, results_markdown
-from capo.pipeline.generate import GenerateConfig, generate
+from capo.pipeline.generate import GenerateConfig, generate, process_state
 from capo.pipeline.prompts import load_prompts, subset
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.score import ScoreConfig, score
@@ -168,7 +169,8 @@ def preflight(run: RunDir, cfg: RunConfig, stages: dict[str, Any]) -> None:
 
 def _run_train(run: RunDir, cfg: Any, dirty: bool) -> bool:
     """Train unless RUN/model matches; resume an interrupted training; never overwrite other work."""
-    from capo.pipeline.train import checkpoints, train
+    from capo.pipeline.checkpoint import checkpoints
+    from capo.pipeline.train import train
 
     fresh = _changed_key(run.load_config().get("train"), to_dict(cfg), TRAIN_IGNORED) is None
     if run.model_dir.is_dir():
@@ -216,21 +218,53 @@ RUNNERS: dict[str, Callable[[RunDir, Any, bool], bool]] = {
 }
 
 
+#: stages that run in one process; under torchrun / accelerate launch the others wait for it
+MAIN_ONLY = ("calibrate", "select", "evaluate")
+
+
+def on_main_process(state: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the main process only; every process returns its result or raises its error."""
+    if state.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            box = [("ok", fn())]
+        except Exception as e:  # the others must not wait for ever
+            box = [("error", str(e))]
+            broadcast_object_list(box)
+            raise
+    broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise CapoError(f"the main process failed: {value}")
+    return value
+
+
 def run_pipeline(
     cfg: RunConfig, stages: dict[str, Any], log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Run the configured stages in order (resuming); returns eval/results.json's content (or {})."""
+    """Run the configured stages in order (resuming); returns eval/results.json's content (or {}).
+    Under a multi-process launcher, generate, score and train split their work over the processes;
+    calibrate, select and evaluate run on the main process while the others wait."""
     run = RunDir.at(cfg.run)
     preflight(run, cfg, stages)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    state = process_state()
+    log = log if state.is_main_process else (lambda _: None)
     dirty = False
     for name in (s for s in STAGES if s in cfg.stages):
         began = time.time()
-        changed = RUNNERS[name](run, stages[name], dirty)
+        step = partial(RUNNERS[name], run, stages[name], dirty)
+        changed = on_main_process(state, step) if name in MAIN_ONLY else step()
         dirty = dirty or changed
         log(f"[capo run] {name}: {'done' if changed else 'up to date'} ({time.time() - began:.1f} s)")
-    run.save_config("run", {"run": cfg.run, "stages": list(cfg.stages), "threads": cfg.threads})
+    if state.is_main_process:
+        run.save_config("run", {"run": cfg.run, "stages": list(cfg.stages), "threads": cfg.threads})
+    state.wait_for_everyone()
     results_path = run.eval_dir / "results.json"
     return json.loads(results_path.read_text()) if results_path.is_file() else {}
 
@@ -239,6 +273,8 @@ def run_command(args: argparse.Namespace) -> None:
     cfg, stages = resolve(args.config, args.run, args.set or [])
     began = time.time()
     results = run_pipeline(cfg, stages)
+    if not process_state().is_main_process:
+        return
     print(f"[capo run] finished in {time.time() - began:.1f} s; run directory {cfg.run}")
     if results:
         print(results_markdown(results), end="")
@@ -250,7 +286,8 @@ def register(sub: Any) -> None:
                        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
     p.add_argument("--config", default=None, metavar="FILE",
                    help=f"YAML file with one section per stage (default: {default_config()})")
-    p.add_argument("--run", default=None, metavar="DIR", help="run directory (default: the config's 'run')")
+    p.add_argument("--run", "--run-dir", dest="run", default=None, metavar="DIR",
+                   help="run directory (default: the config's 'run'); under torchrun spell it --run-dir")
     p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set generate.num_prompts=64 (repeatable)")
     p.set_defaults(func=run_command)

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -34,6 +33,7 @@ from capo.config import add_arguments, build, doc
 from capo.errors import CapoError
 from capo.losses import LOSSES
 from capo.models.base import DiffusionAdapter
+from capo.pipeline.checkpoint import register_lora_hooks, resume, save_checkpoint
 from capo.pipeline.generate import load_base
 from capo.pipeline.preference import REFERENCES, Reference, preference_step
 from capo.pipeline.rundir import RunDir
@@ -49,11 +49,6 @@ LORA_INITS = {"gaussian": "gaussian", "default": True}
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
 #: mixed precision -> dtype of the frozen base weights under LoRA (trainable weights stay fp32)
 WEIGHT_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
-#: config keys a resumed run must share with its checkpoint (they define the trajectory)
-TRAJECTORY_KEYS = ("objective", "weighting", "sigmoid_bias", "beta", "lora", "lora_rank", "lora_alpha",
-                   "lora_init", "learning_rate", "weight_decay", "adam_epsilon", "warmup_steps",
-                   "lr_schedule", "batch_size", "seed", "share_noise", "t_min", "t_max")
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 LORA_FILE, FULL_FILE = "adapter_model.safetensors", "denoiser.safetensors"
 
 
@@ -129,6 +124,9 @@ def setup(config: TrainConfig) -> Trainer:
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
                       log_with=TRACKERS[config.log_with], project_dir=str(run.root / "logs"),
                       step_scheduler_with_optimizer=False)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise CapoError("train: DeepSpeed is not supported (its engine steps and accumulates by itself); "
+                        "use DDP, or FSDP for full fine-tuning (docs/scaling.md)")
     if config.batch_size % (acc.num_processes * config.grad_accum):
         raise CapoError(f"train: batch_size {config.batch_size} does not split into {acc.num_processes} "
                         f"processes x {config.grad_accum} micro-batches")
@@ -153,7 +151,10 @@ def setup(config: TrainConfig) -> Trainer:
                                   eps=config.adam_epsilon)
     scheduler = get_scheduler(LR_SCHEDULES[config.lr_schedule], optimizer,
                               num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+    if config.lora:
+        register_lora_hooks(acc)  # checkpoints hold the adapters, not the frozen base
     policy, optimizer, scheduler = acc.prepare(denoiser, optimizer, scheduler)
+    params = [p for p in policy.parameters() if p.requires_grad]  # FSDP replaces the parameters
     return Trainer(config, run, acc, adapter, policy, reference, optimizer, scheduler, data, params)
 
 
@@ -181,59 +182,12 @@ def optimizer_step(tr: Trainer, step: int) -> dict[str, float]:
     return {**dict(zip(totals, reduced, strict=True)), "grad_norm": float(grad_norm), "lr": lr}
 
 
-def checkpoints(run: RunDir) -> dict[int, Path]:
-    """step -> complete checkpoint dir (temporary dirs of an interrupted save are ignored)."""
-    found = {}
-    for p in run.checkpoints_dir.glob("step-*"):
-        if (m := CHECKPOINT_RE.match(p.name)) and (p / "position.json").is_file():
-            found[int(m.group(1))] = p
-    return found
-
-
-def save_checkpoint(tr: Trainer, step: int) -> Path:
-    """checkpoints/step-K/: accelerate state (weights, optimizer, scheduler, RNG of every rank) and
-    position.json (data position = step, config); written to a temp dir, then renamed."""
-    acc, root = tr.accelerator, tr.run.checkpoints_dir
-    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        position = {"step": step, "config": dataclasses.asdict(tr.config)}
-        (tmp / "position.json").write_text(json.dumps(position, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(checkpoints(tr.run))[: -tr.config.keep_checkpoints or None]:
-            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
-
-
-def resume(tr: Trainer) -> int:
-    """Load the newest checkpoint if --resume (else refuse to overwrite one); returns its step."""
-    found = checkpoints(tr.run)
-    if not found:
-        return 0
-    newest = found[max(found)]
-    if not tr.config.resume:
-        raise CapoError("checkpoints exist; pass --resume to continue, or remove them", path=str(newest))
-    saved = json.loads((newest / "position.json").read_text())
-    for key in TRAJECTORY_KEYS:
-        if saved["config"].get(key) != getattr(tr.config, key):
-            raise CapoError(f"--{key.replace('_', '-')} {getattr(tr.config, key)} differs from the "
-                            f"checkpoint's {saved['config'].get(key)}", path=str(newest))
-    tr.accelerator.load_state(str(newest))
-    return int(saved["step"])
-
-
 def save_model(tr: Trainer, summary: dict[str, Any]) -> None:
     """RUN/model/: LoRA as peft adapter_model.safetensors + adapter_config.json, or the full
     denoiser.safetensors; plus train_summary.json. Written to a temp dir, then renamed."""
     acc = tr.accelerator
     acc.wait_for_everyone()
+    state = acc.get_state_dict(tr.policy)  # every rank takes part: FSDP gathers the shards here
     if acc.is_main_process:
         denoiser = acc.unwrap_model(tr.policy)
         final = tr.run.model_dir
@@ -241,10 +195,10 @@ def save_model(tr: Trainer, summary: dict[str, Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if tr.config.lora:
-            save_file(_contiguous(get_peft_model_state_dict(denoiser)), tmp / LORA_FILE)
+            save_file(_contiguous(get_peft_model_state_dict(denoiser, state_dict=state)), tmp / LORA_FILE)
             denoiser.peft_config["default"].save_pretrained(str(tmp))
         else:
-            save_file(_contiguous(denoiser.state_dict()), tmp / FULL_FILE)
+            save_file(_contiguous(state), tmp / FULL_FILE)
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -272,7 +226,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                "seconds": round(time.time() - began, 3), "last_metrics": metrics,
                "config": dataclasses.asdict(config)}
     save_model(tr, summary)
-    acc.end_training()
+    for tracker in acc.trackers:  # not end_training(): it ends the process group `capo run` goes on with
+        tracker.finish()
     return summary
 
 
@@ -321,6 +276,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="preference fine-tuning (DPO / IPO / CaPO) on the run's pairs")
     p.add_argument("--config", default=None, help="YAML file whose 'train' section sets the defaults")
     add_arguments(p, TrainConfig)
+    p.add_argument("--run-dir", dest="run", default=None, metavar="DIR",
+                   help="the same as --run (torchrun takes --run for its own --run-path)")
     p.set_defaults(func=lambda args: train(build(TrainConfig, args, args.config, section="train")))
 
 
