@@ -3,12 +3,16 @@ generation and mixed-precision training on the device."""
 
 import json
 import math
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
 
 from capo.cli import main
-from capo.models.base import load_model
+from capo.models.base import detect_family, load_model
 from capo.models.shapes import build_shapes_model
 from capo.pipeline.train import trained_state_dict
 from capo.schedules import to_epsilon
@@ -34,9 +38,8 @@ def test_bf16_denoise_on_cuda_matches_fp32_on_cpu(kind):
     assert (eps - ref).norm() / ref.norm() < 0.05  # bf16 weights and activations
 
 
-@pytest.mark.parametrize("mixed_precision", ["bf16", "no"])
-def test_pipeline_on_cuda(tmp_path, mixed_precision):
-    """generate on CUDA -> score -> calibrate -> select -> train (LoRA, mixed precision) -> evaluate."""
+def _run_with_pairs(tmp_path: Path) -> Path:
+    """A tiny shapes-vp run directory through generate (on CUDA), score, calibrate and select."""
     build_shapes_model("vp", size="tiny", seed=0, device="cpu").save_pretrained(tmp_path / "model")
     run = tmp_path / "run"
     for argv in (
@@ -45,6 +48,16 @@ def test_pipeline_on_cuda(tmp_path, mixed_precision):
         ["score", "--run", run, "--reward", "shapes-aesthetic"],
         ["calibrate", "--run", run],
         ["select", "--run", run, "--rule", "best_worst"],
+    ):
+        assert main([str(a) for a in argv]) == 0, argv
+    return run
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "no"])
+def test_pipeline_on_cuda(tmp_path, mixed_precision):
+    """generate on CUDA -> score -> calibrate -> select -> train (LoRA, mixed precision) -> evaluate."""
+    run = _run_with_pairs(tmp_path)
+    for argv in (
         ["train", "--run", run, "--max-steps", 3, "--batch-size", 4, "--checkpoint-every", 0,
          "--log-with", "none", "--learning-rate", "1e-3", "--mixed-precision", mixed_precision],
         ["evaluate", "--run", run, "--prompts", "shapes:heldout", "--num-prompts", 2, "--seeds", 1,
@@ -58,3 +71,28 @@ def test_pipeline_on_cuda(tmp_path, mixed_precision):
     assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
     results = json.loads((run / "eval" / "results.json").read_text())
     assert 0.0 <= results["rewards"]["shapes-aesthetic"]["win_rate"] <= 100.0
+
+
+def test_fsdp_full_finetuning_checkpoints_resumes_and_saves(tmp_path):
+    """capo train under the shipped FSDP2 config (one process): full fine-tuning, a checkpoint,
+    --resume to the end, and model/denoiser.safetensors with every weight of the denoiser."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate launcher not installed")
+    run = _run_with_pairs(tmp_path)
+    fsdp = Path(str(resources.files("capo") / "configs" / "accelerate" / "fsdp.yaml"))
+    launch = ["accelerate", "launch", "--config_file", str(fsdp), "--num_processes", "1", "-m", "capo.cli",
+              "train", "--run", str(run), "--lora", "false", "--batch-size", "4", "--checkpoint-every", "2",
+              "--log-with", "none", "--learning-rate", "1e-4"]
+    first = subprocess.run([*launch, "--max-steps", "2"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (run / "checkpoints" / "step-2" / "position.json").is_file()
+    shutil.rmtree(run / "model")
+    resumed = subprocess.run([*launch, "--max-steps", "4", "--resume"], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run / "model" / "train_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and math.isfinite(summary["last_metrics"]["loss"])
+    tuned = trained_state_dict(run / "model")
+    base = load_model(*detect_family(str(tmp_path / "model")), device="cpu").denoiser.state_dict()
+    assert tuned.keys() == base.keys()
+    assert any(not torch.equal(tuned[k].cpu().float(), base[k].float()) for k in base)
