@@ -232,14 +232,13 @@ def bytes_per_gpu(p: int, lora: int, gpus: int) -> dict[str, float]:
         "LoRA, base fp32 (mixed_precision no)": 4 * p + 16 * lora,
         "full, DDP (fp32 policy+grads+Adam, fp32 reference, DDP buckets)": 24 * p,
         f"full, FSDP full shard, n={gpus} (+ unsharded fp32 reference)": 16 * p / gpus + 4 * p,
-        f"full, DeepSpeed ZeRO-2 bf16, n={gpus} (+ fp32 reference)": 2 * p + 14 * p / gpus + 4 * p,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    ap.add_argument("--gpus", type=int, default=8, help="data-parallel processes n for FSDP / ZeRO-2")
+    ap.add_argument("--gpus", type=int, default=8, help="data-parallel processes n for FSDP")
     ap.add_argument("--prompts", type=int, default=100_000, help="prompts P for the cache sizes")
     ap.add_argument("--samples", type=int, default=16, help="samples N per prompt for the cache sizes")
     ap.add_argument("--no-peft-check", action="store_true", help="skip the peft cross-check of LoRA counts")
