@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import tiny_pipelines
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +20,6 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny and a shared CPU thrashes with more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """One intra-op thread for every module here (tests/conftest.py): these models are tiny."""
     yield
-    torch.set_num_threads(previous)

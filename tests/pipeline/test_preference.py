@@ -17,12 +17,7 @@ from capo.weighting import WEIGHTINGS
 B = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def lora_adapter(kind: str = "vp"):

@@ -34,12 +34,7 @@ def _tiny_pipelines():
     return sys.modules["tiny_pipelines"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cli(*argv: str) -> None:

@@ -44,12 +44,7 @@ N_PROMPTS, N_SAMPLES = 5, 4
 POS, NEG, POS_RCA, NEG_RCA = [0, 1], [3], [0.9, 0.7], [0.2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

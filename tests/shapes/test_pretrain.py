@@ -22,13 +22,7 @@ from capo.shapes.pretrain import (
     min_snr_weight,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_cli_trains_two_steps_and_saves_a_loadable_model(tmp_path, capsys):
