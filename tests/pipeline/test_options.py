@@ -3,12 +3,9 @@ evaluate) and per-reward options; devices for rewards that take none."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 from diffusers import EulerDiscreteScheduler
+from test_real_families_cli import _tiny_pipelines  # tests/models/tiny_pipelines.py, loaded once
 
 from capo.cli import main
 from capo.config import from_dict
@@ -19,21 +16,13 @@ from capo.pipeline.score import ScoreConfig, load_scorer
 from capo.rewards.shapes import WEIGHTS_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = Path(__file__).resolve().parents[1] / "models" / "tiny_pipelines.py"
-
-
-def _tiny_sd(root: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("tiny_pipelines_options", TINY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.build_sd(root)
 
 
 def test_model_options_are_recorded_and_reused(tmp_path):
     run = tmp_path / "run"
-    argv = ["generate", "--run", run, "--model", _tiny_sd(tmp_path), "--prompts", "shapes:train",
-            "--num-prompts", 2, "--samples-per-prompt", 2, "--steps", 2, "--device", "cpu",
+    model = _tiny_pipelines().build_sd(tmp_path)
+    argv = ["generate", "--run", run, "--model", model, "--prompts", "shapes:train", "--num-prompts", 2,
+            "--samples-per-prompt", 2, "--steps", 2, "--device", "cpu",
             "--model-options", "{scheduler: euler, resolution: 16}"]
     assert main([str(a) for a in argv]) == 0
     spec = RunDir.at(run).read_base_model()
