@@ -42,7 +42,7 @@ class ScoreConfig:
     batch_size: int | None = doc("images per reward batch (default: the reward's own)", None)
     device: str = doc("device passed to rewards that take one: auto, cpu, cuda, ...", "auto")
     reward_options: dict = doc("per-reward loader options, e.g. {mps: {checkpoint: /ckpt/mps.pth}, "
-                               "vqascore: {model_id: llava-hf/llava-1.5-13b-hf}} (docs/rewards.md)", {})
+                               "vqascore: {model: llava-hf/llava-1.5-13b-hf}} (docs/rewards.md)", {})
 
     def validate(self) -> None:
         if not self.reward:
