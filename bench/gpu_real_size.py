@@ -24,10 +24,10 @@ FLOPs and memory as trained ones; image content is meaningless.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
-import string
 import sys
 import tempfile
 import time
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_train_step import synthetic_run  # noqa: E402
 from param_counts import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD3M_TRANSFORMER, SDXL_UNET, T5_XXL, VAE_4CH  # noqa: E402
 
-CHARS = string.ascii_lowercase + string.digits
+TINY_PIPELINES = Path(__file__).resolve().parents[1] / "tests" / "models" / "tiny_pipelines.py"
 #: published VAE scaling (sdxl-vae / sd3 vae config.json)
 SDXL_VAE = {**VAE_4CH, "scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024}
 SD3_VAE = {**VAE_4CH, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
@@ -66,23 +66,21 @@ TINY = {
 }
 
 
+@functools.cache
+def _tiny_pipelines() -> Any:
+    """tests/models/tiny_pipelines.py: its character-level tokenizers (no vocabulary download; token
+    ids stay below 80, inside every real vocabulary) and its ``_frozen`` (eval, dropout zeroed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_pipelines", TINY_PIPELINES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _tokenizers() -> tuple[Any, Any]:
-    """Character-level CLIP (BPE, no merges) and T5 (unigram) tokenizers: no vocabulary download.
-    Token ids stay below 80, inside every real vocabulary; sequence lengths are the real ones."""
-    from transformers import CLIPTokenizer, T5Tokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {c: 2 + i for i, c in enumerate(CHARS)}
-    vocab |= {c + "</w>": 2 + len(CHARS) + i for i, c in enumerate(CHARS)}
-    t5 = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + c, -1.0) for c in CHARS]
-    return (CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-            T5Tokenizer(vocab=t5 + [(c, -2.0) for c in CHARS], extra_ids=0, model_max_length=512))
-
-
-def _frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    for m in module.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return module.to(dtype).eval()
+    """CLIP (BPE, no merges) and T5 (unigram) tokenizers with the real sequence lengths."""
+    return _tiny_pipelines().clip_tokenizer(), _tiny_pipelines().t5_tokenizer()
 
 
 def _clip(cfg: dict, projection: bool, tiny: dict | None) -> torch.nn.Module:
@@ -149,7 +147,7 @@ def save_random_pipeline(family: str, tiny: bool, root: Path, device: torch.devi
         pipe = BUILDERS[family](tiny)
     for name, part in pipe.components.items():
         if isinstance(part, torch.nn.Module):
-            setattr(pipe, name, _frozen(part, torch.bfloat16))
+            setattr(pipe, name, _tiny_pipelines()._frozen(part).to(torch.bfloat16))
     path = root / family
     pipe.save_pretrained(path, safe_serialization=True)
     del pipe
