@@ -10,6 +10,8 @@ import pytest
 
 from capo.errors import CapoError
 from capo.pipeline.prompts import (
+    Prompt,
+    balanced_plan,
     from_table,
     load_prompts,
     prompts_table,
@@ -77,13 +79,49 @@ def test_builtin_shapes_sets_are_disjoint():
     assert {p.split for p in held} == {"heldout"} and all(p.category for p in held)
 
 
+def test_builtin_train_val_test_are_disjoint():
+    sets = {name: load_prompts(f"shapes:{name}") for name in ("train", "val", "test")}
+    texts = {name: {p.prompt for p in ps} for name, ps in sets.items()}
+    assert not texts["train"] & texts["val"] and not texts["train"] & texts["test"]
+    assert not texts["val"] & texts["test"]
+    assert texts["test"] == {p.prompt for p in load_prompts("shapes:heldout")}
+    assert {p.split for p in sets["val"]} == {"val"} and {p.split for p in sets["test"]} == {"test"}
+
+
+@pytest.mark.parametrize("name", ["shapes:val", "shapes:test"])
+def test_validation_and_test_evaluations_are_category_balanced(name):
+    prompts = load_prompts(name)
+    plan = balanced_plan(prompts, 64, seed=1000)
+    per_cat: dict[str, int] = {}
+    for p, k in plan:
+        per_cat[p.category] = per_cat.get(p.category, 0) + k
+    assert per_cat == {c: 64 for c in {p.category for p in prompts}} and len(per_cat) == 6
+    seeds = {p.category: [] for p, _ in plan}
+    for p, k in plan:
+        seeds[p.category].append(k)
+    assert seeds["single_object"] == [64]  # one prompt, 64 seeds
+    assert all(max(v) - min(v) <= 1 for v in seeds.values())
+    assert seeds["position"] == [1] * 64  # 221 prompts: 64 of them, one seed each
+    assert plan == balanced_plan(prompts, 64, seed=1000)
+
+
+def test_balanced_plan_spreads_seeds_by_hand():
+    ps = [Prompt(f"a{i}", f"a {i}", "a") for i in range(3)] + [Prompt("b0", "b 0", "b")]
+    plan = balanced_plan(ps, 7)
+    assert sorted(k for p, k in plan if p.category == "a") == [2, 2, 3]  # 7 = 3 + 2 + 2
+    assert [(p.prompt_id, k) for p, k in plan if p.category == "b"] == [("b0", 7)]
+    assert [p.prompt_id for p, _ in plan] == ["a0", "a1", "a2", "b0"]  # file order kept
+    with pytest.raises(CapoError, match="images_per_category"):
+        balanced_plan(ps, 0)
+
+
 def test_subset_is_deterministic_balanced_and_ordered():
     ps = load_prompts("shapes:train")
     a, b = subset(ps, 60, seed=0), subset(ps, 60, seed=0)
     assert a == b and len(a) == 60
     sizes = {c: sum(p.category == c for p in ps) for c in {p.category for p in ps}}
     counts = {c: sum(p.category == c for p in a) for c in sizes}
-    small = {c for c, n in sizes.items() if n <= 8}  # e.g. single_object: all of them are kept
+    small = {c for c, n in sizes.items() if n <= 10}  # single_object (2), two_object (10): all kept
     assert small and all(counts[c] == sizes[c] for c in small)
     rest = [counts[c] for c in sizes if c not in small]
     assert max(rest) - min(rest) <= 1  # round-robin over the remaining categories

@@ -31,15 +31,28 @@ def test_splits_are_large_disjoint_and_cover_every_category():
 
 def test_splits_are_deterministic():
     W._all_prompts.cache_clear()
-    assert W.make_prompts("heldout") == W.make_prompts("heldout")
-    assert [s.prompt_id for s in W.make_prompts("train")][:3] == [
+    assert W.make_prompts("heldout") == W.make_prompts("heldout") == W.make_prompts("test")
+    assert [s.prompt_id for s in W.make_prompts("trainval")][:3] == [
         s.prompt_id for s in ALL[:3]
     ]
 
 
+def test_train_val_test_are_disjoint_and_partition_the_world():
+    train, val, test = (W.make_prompts(s) for s in ("train", "val", "test"))
+    texts = [{s.text for s in x} for x in (train, val, test)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert sum(map(len, texts)) == len(ALL) == len({s.text for s in ALL})
+    assert {s.text for s in W.make_prompts("trainval")} == texts[0] | texts[1]
+    for split in (train, val, test):
+        assert {s.category for s in split} == set(W.CATEGORIES)
+    # hand count: 4 single_object prompts -> k = max(1, round(0.4)) = 1 each for test and val
+    assert [s.category for s in val].count("single_object") == 1
+    assert (len(train), len(val), len(test)) == (2272, 284, 284)
+
+
 def test_unknown_split_is_an_error():
-    with pytest.raises(CapoError, match="unknown shapes split 'test'"):
-        W.make_prompts("test")
+    with pytest.raises(CapoError, match="unknown shapes split 'bogus'"):
+        W.make_prompts("bogus")
 
 
 def test_examples_of_each_category():

@@ -5,7 +5,9 @@ A prompt file is one prompt per line (``.txt``; blank lines are skipped) or a ta
 ``.jsonl``, ``.parquet``); other columns are kept as JSON ``metadata``. Without a ``prompt_id``
 column the id is a hash of the text, so seeds (derived from ids) do not depend on row order.
 Errors name the file and the row: 1-based line numbers for txt/CSV/JSONL, 1-based record
-numbers for Parquet. Built-in sets: ``shapes:train``, ``shapes:heldout``, ``shapes:all``.
+numbers for Parquet. Built-in sets: ``shapes:train``, ``shapes:val``, ``shapes:test`` (disjoint;
+``shapes:heldout`` is the test set's earlier name), ``shapes:all``. ``balanced_plan`` gives the
+seeds per prompt of a category-balanced (GenEval-style) evaluation.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ def _shapes_set(split: str) -> Callable[[], list[Prompt]]:
 #: built-in prompt sets
 BUILTIN_SETS: dict[str, Callable[[], list[Prompt]]] = {
     "shapes:train": _shapes_set("train"),
+    "shapes:val": _shapes_set("val"),
+    "shapes:test": _shapes_set("test"),
     "shapes:heldout": _shapes_set("heldout"),
     "shapes:all": _shapes_set("all"),
 }
@@ -181,14 +185,38 @@ def subset(prompts: list[Prompt], limit: int | None, seed: int = 0) -> list[Prom
     by_cat: dict[str, list[Prompt]] = {}
     for p in prompts:
         by_cat.setdefault(p.category, []).append(p)
-    key = lambda p: hashlib.blake2b(f"{seed}/{p.prompt_id}".encode(), digest_size=8).digest()  # noqa: E731
-    queues = [sorted(v, key=key) for v in by_cat.values()]
+    queues = [_hash_order(v, seed) for v in by_cat.values()]
     chosen: set[str] = set()
     for depth in range(max(len(q) for q in queues)):
         for q in queues:
             if depth < len(q) and len(chosen) < limit:
                 chosen.add(q[depth].prompt_id)
     return [p for p in prompts if p.prompt_id in chosen]
+
+
+def _hash_order(prompts: list[Prompt], seed: int) -> list[Prompt]:
+    key = lambda p: hashlib.blake2b(f"{seed}/{p.prompt_id}".encode(), digest_size=8).digest()  # noqa: E731
+    return sorted(prompts, key=key)
+
+
+def balanced_plan(prompts: list[Prompt], images_per_category: int, seed: int = 0) -> list[tuple[Prompt, int]]:
+    """GenEval-style balance: (prompt, seeds) such that every category has ``images_per_category``
+    images. A category of n prompts uses min(n, N) of them (ordered by a hash of (seed,
+    prompt_id)), N = images_per_category, each with N // m seeds and the first N % m one more
+    (m the prompts used), so small categories get more seeds per prompt. File order is kept.
+    """
+    if images_per_category < 1:
+        raise CapoError(f"config key 'images_per_category' must be >= 1, got {images_per_category}")
+    by_cat: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_cat.setdefault(p.category, []).append(p)
+    seeds: dict[str, int] = {}
+    for group in by_cat.values():
+        used = _hash_order(group, seed)[:images_per_category]
+        m = len(used)
+        for i, p in enumerate(used):
+            seeds[p.prompt_id] = images_per_category // m + (i < images_per_category % m)
+    return [(p, seeds[p.prompt_id]) for p in prompts if p.prompt_id in seeds]
 
 
 def prompts_table(prompts: list[Prompt]) -> pa.Table:

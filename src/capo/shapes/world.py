@@ -18,10 +18,15 @@ Grammar (regular, so ``parse_prompt`` inverts ``PromptSpec.text`` exactly)::
     color_attr     a COLOR SHAPE and a COLOR' SHAPE     "a red circle and a blue circle"
 
 with REL in {left of, right of, above, below}, NUM in one..four, two_object shapes distinct,
-position objects distinct, color_attr colours distinct. The train / held-out split is
-deterministic: within each category prompts are ordered by the SHA-1 of their text and the first
-``max(1, round(HELDOUT_FRACTION * n))`` are held out, so the splits share no prompt and every
-category is in both (2,556 train and 284 held-out prompts).
+position objects distinct, color_attr colours distinct. The train / validation / test split is
+deterministic: within each category prompts are ordered by the SHA-1 of their text, the first
+``k = max(1, round(HELDOUT_FRACTION * n))`` are the test set (``heldout`` is its old name), the
+next k the validation set, the rest train; so the three share no prompt and every category is in
+each (2,272 train, 284 validation, 284 test prompts). ``trainval`` is validation + train in the
+order of the earlier two-way split (the pool the shipped preference reward was trained on).
+Validation and test are small in some categories (single_object: 1 prompt each), so they are
+evaluated category-balanced as GenEval is (``capo.pipeline.prompts.balanced_plan``: each category
+gets the same number of images, ``EVAL_IMAGES_PER_CATEGORY``, small categories more seeds each).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ GAP = 2.0
 SIZE_RANGE = (7.0, 11.0)
 SHADE_JITTER = 12
 HELDOUT_FRACTION = 0.1
+#: images per category of a balanced validation / test evaluation (GenEval-style, >= 64)
+EVAL_IMAGES_PER_CATEGORY = 64
+SPLITS = ("train", "val", "test", "heldout", "trainval", "all")
 BACKGROUND = (16, 16, 16)
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -147,23 +155,28 @@ def _enumerate(category: str) -> list[tuple[tuple[ObjectSpec, ...], str | None]]
 
 @functools.lru_cache(maxsize=1)
 def _all_prompts() -> dict[str, tuple[PromptSpec, ...]]:
-    out: dict[str, list[PromptSpec]] = {"train": [], "heldout": []}
+    out: dict[str, list[PromptSpec]] = {"train": [], "val": [], "test": [], "trainval": []}
     for cat in CATEGORIES:
         specs = [make_spec(cat, objs, rel) for objs, rel in _enumerate(cat)]
         specs.sort(key=lambda s: hashlib.sha1(s.text.encode()).hexdigest())
         k = max(1, round(HELDOUT_FRACTION * len(specs)))
-        out["heldout"] += specs[:k]
-        out["train"] += specs[k:]
+        out["test"] += specs[:k]
+        out["val"] += specs[k : 2 * k]
+        out["train"] += specs[2 * k :]
+        out["trainval"] += specs[k:]
     return {k: tuple(v) for k, v in out.items()}
 
 
 def make_prompts(split: str) -> list[PromptSpec]:
-    """The deterministic prompt list of ``split`` ("train" | "heldout" | "all")."""
+    """The deterministic prompt list of ``split``: "train" | "val" | "test" (= "heldout") |
+    "trainval" (val + train) | "all" (trainval + test: the order pretraining draws from)."""
     table = _all_prompts()
     if split == "all":
-        return [*table["train"], *table["heldout"]]
+        return [*table["trainval"], *table["test"]]
+    if split == "heldout":
+        return list(table["test"])
     if split not in table:
-        raise CapoError(f"unknown shapes split '{split}' (known: train, heldout, all)")
+        raise CapoError(f"unknown shapes split '{split}' (known: {', '.join(SPLITS)})")
     return list(table[split])
 
 
