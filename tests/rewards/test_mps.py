@@ -2,13 +2,17 @@
 repository's classes (``trainer.models.clip_model.CLIPModel`` around a transformers ``CLIPModel``
 subclass and a ``Cross_model``), pickled with ``torch.save(model)``.
 
-The classes below transcribe the reference code (einops written out, fp16 casts dropped); they are
-registered under the reference's module names only while the checkpoint is saved, so loading it
-must not need them. Expected scores come from the reference's ``infer_example`` on one prompt.
+The classes below transcribe the official code of github.com/Kwai-Kolors/MPS (commit be9027f;
+file and line numbers cited at each class, einops written out as reshapes/permutes, the fp16 casts
+made a dtype argument); they are registered under the reference's module names only while the
+checkpoint is saved, so loading it must not need them. Expected scores come from the README's
+``infer_example`` (condition threshold 0.01, through ``CLIPModel.forward``) and from the evaluation
+scripts' ``infer_one_sample`` (threshold 0.3, half precision), on one prompt at a time.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 
@@ -30,14 +34,14 @@ from transformers import CLIPModel as HFCLIPModel
 
 from capo.errors import CapoError
 from capo.rewards import load_reward
-from capo.rewards.mps import MPS, MPS_CONDITION, PickledObject, condition_mask, read_checkpoint
+from capo.rewards.mps import MPS, MPS_CONDITION, CrossModel, PickledObject, condition_mask, read_checkpoint
 
 IMAGES = fixed_images([(256, 256), (300, 200), (200, 300), (61, 37)])
-CONDITION = "red, blue, the cat."
+CONDITION = "mat"  # hides prompt tokens at threshold 0.3 that 0.01 keeps (prompts 0 and 2)
 
 
-# ---- trainer/models/cross_modeling.py (lucidrains' CoCa blocks) ----
-class LayerNorm(nn.Module):
+# ---- trainer/models/cross_modeling.py (lucidrains' CoCa blocks, as MPS ships them) ----
+class LayerNorm(nn.Module):  # cross_modeling.py lines 18-25
     def __init__(self, dim):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -47,7 +51,7 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)
 
 
-class Residual(nn.Module):
+class Residual(nn.Module):  # lines 30-36
     def __init__(self, fn):
         super().__init__()
         self.fn = fn
@@ -56,7 +60,7 @@ class Residual(nn.Module):
         return self.fn(x, *args, **kwargs) + x
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(nn.Module):  # lines 43-52
     def __init__(self, dim):
         super().__init__()
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
@@ -68,23 +72,23 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((freqs, freqs), dim=-1)
 
 
-def rotate_half(x):
+def rotate_half(x):  # lines 55-58
     x = x.reshape(*x.shape[:-1], 2, -1)  # rearrange(x, "... (j d) -> ... j d", j=2)
     x1, x2 = x.unbind(dim=-2)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(pos, t):
+def apply_rotary_pos_emb(pos, t):  # lines 61-62
     return (t * pos.cos()) + (rotate_half(t) * pos.sin())
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(nn.Module):  # lines 69-72
     def forward(self, x):
         x, gate = x.chunk(2, dim=-1)
         return F.silu(gate) * x
 
 
-class ParallelTransformerBlock(nn.Module):
+class ParallelTransformerBlock(nn.Module):  # cross_modeling.py lines 78-168
     def __init__(self, dim, dim_head=64, heads=8, ff_mult=4):
         super().__init__()
         self.norm = LayerNorm(dim)
@@ -97,24 +101,16 @@ class ParallelTransformerBlock(nn.Module):
         self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
         self.attn_out = nn.Linear(attn_inner_dim, dim, bias=False)
         self.ff_out = nn.Sequential(SwiGLU(), nn.Linear(ff_inner_dim, dim, bias=False))
-        self.mask = None
-        self.pos_emb = None
+        self.register_buffer("pos_emb", None, persistent=False)  # line 99
 
-    def get_mask(self, n, device):
-        if self.mask is not None and self.mask.shape[-1] >= n:
-            return self.mask[:n, :n].to(device)
-        mask = torch.ones((n, n), device=device, dtype=torch.bool).triu(1)
-        self.mask = mask
-        return mask
-
-    def get_rotary_embedding(self, n, device):
+    def get_rotary_embedding(self, n, device):  # lines 102-108
         if self.pos_emb is not None and self.pos_emb.shape[-2] >= n:
-            return self.pos_emb[:n].to(device)
+            return self.pos_emb[:n]
         pos_emb = self.rotary_emb(n, device=device)
-        self.pos_emb = pos_emb
+        self.register_buffer("pos_emb", pos_emb, persistent=False)
         return pos_emb
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None):  # lines 110-168: no causal mask; attn_mask is never passed
         n, device, h = x.shape[1], x.device, self.heads
         x = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
@@ -123,8 +119,9 @@ class ParallelTransformerBlock(nn.Module):
         q, k = map(lambda t: apply_rotary_pos_emb(positions, t), (q, k))
         q = q * self.scale
         sim = einsum("b h i d, b j d -> b h i j", q, k)
-        causal_mask = self.get_mask(n, device)
-        sim = sim.masked_fill(causal_mask, -torch.finfo(sim.dtype).max)
+        if attn_mask is not None:  # lines 152-154
+            attn_mask = attn_mask.unsqueeze(1)  # "b i j -> b 1 i j"
+            sim = sim.masked_fill(~attn_mask, -torch.finfo(sim.dtype).max)
         sim = sim - sim.amax(dim=-1, keepdim=True).detach()
         attn = sim.softmax(dim=-1)
         out = einsum("b h i j, b j d -> b h i d", attn, v)
@@ -132,7 +129,7 @@ class ParallelTransformerBlock(nn.Module):
         return self.attn_out(out) + self.ff_out(ff)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(nn.Module):  # lines 172-258 (norm_context=False)
     def __init__(self, dim, *, context_dim=None, dim_head=64, heads=8, parallel_ff=False, ff_mult=4):
         super().__init__()
         self.heads = heads
@@ -175,7 +172,7 @@ class CrossAttention(nn.Module):
         return out
 
 
-class Cross_model(nn.Module):  # noqa: N801 (the reference's name)
+class Cross_model(nn.Module):  # noqa: N801 (the reference's name); lines 261-292
     def __init__(self, dim=512, layer_num=4, dim_head=64, heads=8, ff_mult=4):
         super().__init__()
         self.layers = nn.ModuleList([])
@@ -203,7 +200,7 @@ class Cross_model(nn.Module):  # noqa: N801 (the reference's name)
 
 
 # ---- trainer/models/clip_model.py ----
-class XCLIPModel(HFCLIPModel):
+class XCLIPModel(HFCLIPModel):  # clip_model.py lines 17-88
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None):
         text_outputs = self.text_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
@@ -217,7 +214,7 @@ class XCLIPModel(HFCLIPModel):
         return self.visual_projection(vision_outputs[0])
 
 
-class CLIPModel(nn.Module):
+class CLIPModel(nn.Module):  # clip_model.py lines 98-136 (the training / README forward)
     def __init__(
         self, clip, cross_model
     ):  # the reference: from_pretrained(ckpt), Cross_model(1024, 4, 16 heads)
@@ -229,16 +226,16 @@ class CLIPModel(nn.Module):
         outputs = ()
         text_f, text_EOS = self.model.get_text_features(text_inputs)  # noqa: N806
         outputs += (text_EOS,)
-        image_f = self.model.get_image_features(image_inputs)
+        image_f = self.model.get_image_features(image_inputs.to(self.model.dtype))  # line 116: .half()
         condition_f, _ = self.model.get_text_features(condition_inputs)
         sim_text_condition = einsum("b i d, b j d -> b j i", text_f, condition_f)
         sim_text_condition = torch.max(sim_text_condition, dim=1, keepdim=True)[0]
         sim_text_condition = sim_text_condition / sim_text_condition.max()
-        mask = torch.where(sim_text_condition > 0.01, 0, float("-inf"))
+        mask = torch.where(sim_text_condition > 0.01, 0, float("-inf"))  # line 122
         mask = mask.repeat(1, image_f.shape[1], 1)
         bc = int(image_f.shape[0] / 2)
-        sim0 = self.cross_model(image_f[:bc, :, :], text_f, mask)
-        sim1 = self.cross_model(image_f[bc:, :, :], text_f, mask)
+        sim0 = self.cross_model(image_f[:bc, :, :], text_f, mask.to(self.model.dtype))  # line 127: .half()
+        sim1 = self.cross_model(image_f[bc:, :, :], text_f, mask.to(self.model.dtype))
         outputs += (sim0[:, 0, :],)
         outputs += (sim1[:, 0, :],)
         return outputs
@@ -275,7 +272,8 @@ def save_reference_checkpoint(model: nn.Module, path) -> None:
 
 
 def infer_example(model, tokenizer, image_processor, images, prompt, condition):
-    """The reference README's ``infer_example`` (two images, one prompt): the two scores."""
+    """The reference README's ``infer_example`` (README.md lines 37-73; two images, one prompt): the
+    two scores (the logits of its final softmax)."""
 
     def _tokenize(caption):
         n = tokenizer.model_max_length
@@ -299,6 +297,36 @@ def infer_example(model, tokenizer, image_processor, images, prompt, condition):
             einsum("bd,cd->bc", text_features, image_1_features)
         )
     return torch.stack([image_0_scores, image_1_scores], dim=-1)[0]
+
+
+def infer_one_sample(model, tokenizer, image_processor, image, prompt, condition):
+    """``infer_one_sample`` of eval_overall_mps_on_hpdv2.py lines 33-78 (identical in
+    eval_overall_mps_on_imagereward.py lines 34-78): the script behind the published accuracies,
+    threshold 0.3 (line 70), ``.half()`` casts (lines 64, 72) made casts to the model's dtype."""
+
+    def _tokenize(caption):
+        n = tokenizer.model_max_length
+        ids = tokenizer(caption, max_length=n, padding="max_length", truncation=True, return_tensors="pt")
+        return ids.input_ids
+
+    image_input = image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    text_input = _tokenize(prompt)
+    condition_batch = _tokenize(condition).repeat(text_input.shape[0], 1)
+    clip_model, dtype = model, model.model.dtype
+    with torch.no_grad():
+        text_f, text_features = clip_model.model.get_text_features(text_input)
+        image_f = clip_model.model.get_image_features(image_input.to(dtype))
+        condition_f, _ = clip_model.model.get_text_features(condition_batch)
+        sim_text_condition = einsum("b i d, b j d -> b j i", text_f, condition_f)
+        sim_text_condition = torch.max(sim_text_condition, dim=1, keepdim=True)[0]
+        sim_text_condition = sim_text_condition / sim_text_condition.max()
+        mask = torch.where(sim_text_condition > 0.3, 0, float("-inf"))
+        mask = mask.repeat(1, image_f.shape[1], 1)
+        image_features = clip_model.cross_model(image_f, text_f, mask.to(dtype))[:, 0, :]
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        image_score = clip_model.logit_scale.exp() * text_features @ image_features.T
+    return image_score[0, 0]
 
 
 def reference_model(seed: int = 1) -> CLIPModel:
@@ -336,9 +364,18 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reward(repo):
+    """Default threshold (0.3), in float32."""
     return load_reward(
-        "mps", checkpoint=repo[1], config=repo[0], condition=CONDITION, device="cpu", batch_size=3
-    )
+        "mps", checkpoint=repo[1], config=repo[0], condition=CONDITION, device="cpu", batch_size=3,
+        dtype="float32",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def processor(repo):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(repo[0])
 
 
 def test_declares_its_bradley_terry_view(reward):
@@ -372,15 +409,12 @@ def test_preprocessing_matches_clip_image_processor(reward, repo):
     np.testing.assert_allclose(ours, transformers_reference(IMAGES, repo[0]), atol=1e-5, rtol=0)
 
 
-def test_scores_equal_the_reference_inference(repo, reward):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    processor = CLIPImageProcessorPil.from_pretrained(repo[0])
+def test_scores_equal_the_evaluation_scripts_inference(repo, reward, processor):
+    """Threshold 0.3, fp32: the official ``infer_one_sample``, one image at a time. Fails with a causal
+    mask in the self-attention blocks (capo before issue 11)."""
     expected = [
-        infer_example(
-            repo[2], reward.tokenizer, processor, [IMAGES[i], IMAGES[(i + 1) % 4]], PROMPTS[i], CONDITION
-        )[0]
-        for i in range(4)
+        infer_one_sample(repo[2], reward.tokenizer, processor, im, p, CONDITION)
+        for im, p in zip(IMAGES, PROMPTS, strict=True)
     ]
     scores = reward.score(IMAGES, PROMPTS)
     assert scores.dtype == np.float32 and scores.shape == (4,)
@@ -388,12 +422,61 @@ def test_scores_equal_the_reference_inference(repo, reward):
     assert np.ptp(scores) > 1e-2
 
 
+def test_threshold_option_gives_the_readme_inference(repo, reward, processor):
+    """Threshold 0.01: the README's ``infer_example`` through ``CLIPModel.forward``; the threshold matters."""
+    readme = MPS(repo[1], repo[0], CONDITION, threshold=0.01, device="cpu", dtype="float32", batch_size=3)
+    expected = [
+        infer_example(
+            repo[2], readme.tokenizer, processor, [IMAGES[i], IMAGES[(i + 1) % 4]], PROMPTS[i], CONDITION
+        )[0]
+        for i in range(4)
+    ]
+    scores = readme.score(IMAGES, PROMPTS)
+    np.testing.assert_allclose(scores, torch.stack(expected).numpy(), atol=1e-4, rtol=1e-5)
+    assert np.abs(scores - reward.score(IMAGES, PROMPTS)).max() > 1e-3
+
+
+def test_defaults_are_the_published_setup_half_precision(repo, reward, processor):
+    """Default threshold 0.3 and float16, as the evaluation scripts ran: equal to the official
+    inference on the half-precision model up to fp16 rounding."""
+    half = MPS(repo[1], repo[0], CONDITION, device="cpu", batch_size=3)
+    dtypes = (half.clip.dtype, next(half.cross.parameters()).dtype)
+    assert half.threshold == 0.3 and dtypes == (torch.float16, torch.float16)
+    model = copy.deepcopy(repo[2]).half()
+    expected = [
+        infer_one_sample(model, half.tokenizer, processor, im, p, CONDITION)
+        for im, p in zip(IMAGES, PROMPTS, strict=True)
+    ]
+    scores = half.score(IMAGES, PROMPTS)
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, torch.stack(expected).float().numpy(), atol=3e-2, rtol=0)
+    np.testing.assert_allclose(scores, reward.score(IMAGES, PROMPTS), atol=3e-2, rtol=0)
+
+
+def test_image_token_0_sees_every_image_token():
+    """The issue's check: with no causal mask, the scored token 0 depends on the other image tokens."""
+    torch.manual_seed(0)
+    cross = CrossModel(dim=16, layers=2, dim_head=8, heads=2, ff_mult=4).eval()
+    with torch.no_grad():
+        for p in cross.parameters():
+            p.normal_(0.0, 0.3) if p.ndim >= 2 else None
+        image, text = torch.randn(1, 10, 16), torch.randn(1, 5, 16)
+        mask = torch.zeros(1, 10, 5)
+        other = torch.cat([image[:, :1], torch.randn(1, 9, 16)], dim=1)
+        change = (cross(image, text, mask)[:, 0] - cross(other, text, mask)[:, 0]).abs().max()
+    assert change > 1e-3
+
+
 def test_condition_mask_hides_tokens_unlike_the_condition():
     text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.005, 0.0]], [[2.0, 0.0], [-1.0, 0.0], [0.0, 3.0]]])
     condition = torch.tensor([[[1.0, 0.0], [0.5, 0.0]]])
     # sample 0: S = [1, 0, 0.005] / 1; sample 1: S = [2, -0.5, 0] / 2 -> visible iff S > 0.01
     expected = torch.tensor([[[0.0, -np.inf, -np.inf]], [[0.0, -np.inf, -np.inf]]])
-    torch.testing.assert_close(condition_mask(text, condition), expected)
+    torch.testing.assert_close(condition_mask(text, condition, 0.01), expected)
+    # threshold 0.3 (the default): S = [1, 0.6, 0.2] -> the third token is hidden only at 0.3
+    text = torch.tensor([[[1.0, 0.0], [0.6, 0.0], [0.2, 0.0]]])
+    torch.testing.assert_close(condition_mask(text, condition, 0.01), torch.zeros(1, 1, 3))
+    torch.testing.assert_close(condition_mask(text, condition), torch.tensor([[[0.0, 0.0, -np.inf]]]))
 
 
 def test_deterministic_and_batch_invariant(reward):
@@ -410,7 +493,7 @@ def test_state_dict_files_load_the_same_model(repo, reward, tmp_path):
     save_file(sd, tmp_path / "mps.safetensors")
     expected = reward.score(IMAGES, PROMPTS)
     for name in ("mps.pt", "mps.safetensors"):
-        other = MPS(tmp_path / name, repo[0], CONDITION, device="cpu", batch_size=3)
+        other = MPS(tmp_path / name, repo[0], CONDITION, device="cpu", dtype="float32", batch_size=3)
         np.testing.assert_allclose(other.score(IMAGES, PROMPTS), expected, atol=1e-5, rtol=0)
 
 

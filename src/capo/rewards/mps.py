@@ -61,7 +61,12 @@ MPS_CONDITION = (
     "light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
     "instance, texture, quantity, attributes, position, number, location, word, things."
 )
-MASK_THRESHOLD = 0.01
+#: condition-mask threshold of the evaluation scripts that produced the published accuracies
+#: (``eval_overall_mps_on_hpdv2.py`` line 70, ``eval_overall_mps_on_imagereward.py`` line 71); the
+#: README's ``infer_example`` and the training forward (``clip_model.py`` line 122) use 0.01.
+MASK_THRESHOLD = 0.3
+#: dtype of those scripts: the pickled model runs in half precision (``image_input.half()``, ``mask.half()``).
+MPS_DTYPE = "float16"
 
 
 class PickledObject:
@@ -202,8 +207,10 @@ class CrossAttention(nn.Module):
 
 
 class ParallelTransformerBlock(nn.Module):
-    """CoCa ``ParallelTransformerBlock``: one fused projection of LN(x) to (q, k, v, ff); causal
-    multi-query self-attention with rotary embeddings, plus SwiGLU feed-forward, summed."""
+    """MPS ``ParallelTransformerBlock`` (``trainer/models/cross_modeling.py`` lines 78-168): one fused
+    projection of LN(x) to (q, k, v, ff); multi-query self-attention with rotary embeddings over all
+    tokens, plus SwiGLU feed-forward, summed. No mask: ``Cross_model.forward`` (line 290) calls it as
+    ``self_attn_ff(query_tokens)``, so its ``attn_mask`` is None and every image token sees every other."""
 
     def __init__(self, dim: int, dim_head: int, heads: int, ff_mult: int):
         super().__init__()
@@ -223,8 +230,6 @@ class ParallelTransformerBlock(nn.Module):
         angles = self.rotary_emb(n)
         q, k = (t * angles.cos() + rotate_half(t) * angles.sin() for t in (q, k))
         sim = torch.einsum("bhid,bjd->bhij", q * self.scale, k)
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-        sim = sim.masked_fill(causal, -torch.finfo(sim.dtype).max)
         attn = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
         out = torch.einsum("bhij,bjd->bhid", attn, v).transpose(1, 2).reshape(b, n, -1)
         return self.attn_out(out) + self.ff_out(ff)
@@ -263,13 +268,15 @@ class CrossModel(nn.Module):
         return cls(dim, layers, dim_head, inner // dim_head, ff_mult)
 
 
-def condition_mask(text_tokens: torch.Tensor, condition_tokens: torch.Tensor) -> torch.Tensor:
+def condition_mask(
+    text_tokens: torch.Tensor, condition_tokens: torch.Tensor, threshold: float = MASK_THRESHOLD
+) -> torch.Tensor:
     """MPS condition mask, additive [B, 1, L]: S_bi = max_j <T_bi, C_j>, S_b /= max_i S_bi,
-    0 where S_bi > 0.01 else -inf. text_tokens [B, L, D], condition_tokens [1, Lc, D]."""
+    0 where S_bi > threshold else -inf. text_tokens [B, L, D], condition_tokens [1, Lc, D]."""
     sim = torch.einsum("bid,bjd->bji", text_tokens, condition_tokens.expand(text_tokens.shape[0], -1, -1))
     sim = sim.amax(dim=1, keepdim=True)  # [B, 1, L]
     sim = sim / sim.amax(dim=-1, keepdim=True)  # per prompt (the reference: max over its batch of one)
-    return torch.where(sim > MASK_THRESHOLD, 0.0, float("-inf")).to(text_tokens.dtype)
+    return torch.where(sim > threshold, 0.0, float("-inf")).to(text_tokens.dtype)
 
 
 def split_checkpoint(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -293,7 +300,10 @@ class MPS(RewardModel):
     ``MPS_CHECKPOINT``, unverified: pass the file you downloaded). ``config``: hub id or directory of
     the ViT-H-14 ``config.json``, tokenizer and ``preprocessor_config.json`` (default
     ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, the reference's processor; its weights are not loaded).
-    ``condition``: the condition text (default: the overall condition).
+    ``condition``: the condition text (default: the overall condition). ``threshold``: a prompt token
+    is visible to the image tokens iff its normalised similarity to the condition exceeds it (default
+    0.3, the evaluation scripts' value behind the published accuracies; the README example uses 0.01).
+    ``dtype``: default ``"float16"``, as those scripts ran; ``"float32"`` for exact arithmetic.
 
     Bradley-Terry view (DESIGN §2, paper Eq. 2): MPS is trained with a cross-entropy over the pair's
     two logit-scaled scores, i.e. P(x > x') = sigma(s(x) - s(x')): ``bt_scale = 1``,
@@ -311,8 +321,9 @@ class MPS(RewardModel):
         checkpoint: str | os.PathLike = MPS_CHECKPOINT,
         config: str | os.PathLike = VIT_H_14,
         condition: str = MPS_CONDITION,
+        threshold: float = MASK_THRESHOLD,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = MPS_DTYPE,
         batch_size: int = 32,
     ):
         from accelerate import init_empty_weights
@@ -332,7 +343,7 @@ class MPS(RewardModel):
         self.clip, self.cross = freeze(self.clip, self.device, dt), freeze(self.cross, self.device, dt)
         self.tokenizer = load_tokenizer(config)
         self.preprocess = load_preprocess(config, crop_rounding="floor")  # CLIPImageProcessor
-        self.condition = condition
+        self.condition, self.threshold = condition, float(threshold)
         self.condition_tokens = self.text_tokens([condition])[0]  # [1, L, D]
         self.batch_size = batch_size
 
@@ -354,7 +365,7 @@ class MPS(RewardModel):
             self.clip.vision_model(pixel_values=pixels).last_hidden_state
         )
         text_tokens, text_eos = self.text_tokens(prompts)
-        mask = condition_mask(text_tokens, self.condition_tokens)  # [B, 1, L]
+        mask = condition_mask(text_tokens, self.condition_tokens, self.threshold)  # [B, 1, L]
         fused = self.cross(image_tokens, text_tokens, mask.expand(-1, image_tokens.shape[1], -1))[:, 0]
         cos = (F.normalize(text_eos.float(), dim=-1) * F.normalize(fused.float(), dim=-1)).sum(-1)
         return (self.clip.logit_scale.float().exp() * cos).cpu().numpy().astype(np.float32)
