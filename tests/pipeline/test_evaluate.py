@@ -4,6 +4,7 @@ different one does not; results.json layout, results.md, grid.png, scores.csv.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -64,6 +65,20 @@ def test_same_weights_tie_everywhere(tmp_path, models):
     assert grid.size[0] > grid.size[1] > 100
     lines = (run.eval_dir / "scores.csv").read_text().splitlines()
     assert len(lines) == 1 + 6 * 2 and "shapes-alignment/base" in lines[0]
+    assert lines[0].startswith('"prompt_id","category","seed_idx"') and '"gold/base","gold/tuned"' in lines[0]
+
+
+def test_experiment_evaluates_like_capo_evaluate(tmp_path, models):
+    """``capo experiment``'s cached-base evaluation writes the same files as ``capo evaluate``."""
+    from capo.experiments.evaluation import load_eval_set
+
+    base, _, other = models
+    run = make_run(tmp_path, base)
+    evaluate(run, config(other))
+    es = load_eval_set(run, config(other), tmp_path / "cache")
+    es.evaluate(tmp_path / "cell", Path(other), "evaluate cell")
+    for name in ("results.json", "results.md", "scores.csv"):
+        assert (tmp_path / "cell" / "eval" / name).read_bytes() == (run.eval_dir / name).read_bytes()
 
 
 def test_other_weights_differ_and_interval_contains_rate(tmp_path, models):

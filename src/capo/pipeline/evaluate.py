@@ -5,14 +5,20 @@ noise (seed = sample_seed(seed, prompt_id, s)). Each reward scores both images; 
 per reward, the win-rate (%) of tuned over base (ties 1/2) with a bootstrap 95% interval over
 prompts, and the mean raw score of each model (the paper's Table 2 layout). For shapes models
 it adds the gold checker's accuracy per category (Table 3). Files: eval/results.json,
-eval/results.md, eval/scores.csv, eval/grid.png.
+eval/results.md, eval/scores.csv (raw scores per image: prompt_id, category, seed_idx, then
+NAME/base, NAME/tuned per reward and gold/base, gold/tuned for the checker's verdicts), eval/grid.png.
+
+:class:`Evaluation` is the one evaluator: ``capo evaluate`` uses it for one tuned model, and
+``capo experiment`` (``capo.experiments.evaluation``) for many tuned models against one cached
+base. It works over a list of items (prompt, seed index), so subsets of the items can be sampled
+and scored separately.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from capo.pipeline.generate import DTYPES, load_base, resolve_device, sample_see
 from capo.pipeline.prompts import Prompt, load_prompts, subset
 from capo.pipeline.rundir import RunDir, write_text_atomic
 from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, check_reward_options, load_scorer, score_images
+from capo.rewards.base import RewardModel
 
 
 @dataclass
@@ -61,49 +68,157 @@ class EvaluateConfig:
             raise CapoError(f"config key 'dtype' must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
 
 
-def sample_all(adapter: DiffusionAdapter, prompts: list[Prompt], cfg: EvaluateConfig, steps: int | None,
-               guidance: float | None, desc: str) -> list[Image.Image]:
-    """Images [P * S] (prompt-major), sample (p, s) from seed sample_seed(cfg.seed, id_p, s)."""
-    rows = [(p, s) for p in prompts for s in range(cfg.seeds)]
-    images: list[Image.Image] = []
-    with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="img") as bar:
-        for b in range(0, len(rows), cfg.batch_size):
-            batch = rows[b : b + cfg.batch_size]
-            seeds = [sample_seed(cfg.seed, p.prompt_id, s) for p, s in batch]
-            images += adapter.sample([p.prompt for p, _ in batch], seeds, steps, guidance).images
-            bar.update(len(batch))
-    return images
+Item = tuple[Prompt, int]
+"""One image of an evaluation: a prompt and its seed index s; base and tuned both start from the
+initial noise of seed sample_seed(cfg.seed, prompt_id, s)."""
+
+GOLD = "gold"  # the gold checker's verdicts (1.0 = correct), scored beside the rewards
 
 
-def reward_report(name: str, cfg: EvaluateConfig, base: list[Image.Image], tuned: list[Image.Image],
-                  prompts: list[Prompt]) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Win-rate (%) with bootstrap CI and mean raw scores; raw scores [P, S] of base and tuned."""
-    scorer = ScoreConfig(reward=[name], device=cfg.device, reward_options=cfg.reward_options)
-    reward = load_scorer(name, scorer)
-    texts = [p.prompt for p in prompts for _ in range(cfg.seeds)]
-    labels = [f"prompt {p.prompt_id} seed {s}" for p in prompts for s in range(cfg.seeds)]
-    raw_b = score_images(reward, name, base, texts, [f"base {x}" for x in labels]).reshape(len(prompts), -1)
-    raw_t = score_images(reward, name, tuned, texts, [f"tuned {x}" for x in labels]).reshape(len(prompts), -1)
-    sign = 1.0 if reward.higher_is_better else -1.0  # a win is a better score, whatever the direction
-    low, high = stats.bootstrap_ci(sign * raw_t, sign * raw_b, n_boot=cfg.n_boot, seed=cfg.seed)
-    result = {"win_rate": stats.win_rate(sign * raw_t, sign * raw_b), "ci_low": low, "ci_high": high,
-              "mean_base": float(raw_b.mean()), "mean_tuned": float(raw_t.mean())}
-    return result, raw_b, raw_t
+def items_of(prompts: list[Prompt], seeds: int) -> list[Item]:
+    """Items [P * S], prompt-major: (p, 0), ..., (p, S - 1) for each prompt p."""
+    return [(p, s) for p in prompts for s in range(seeds)]
 
 
-def gold_report(spec: dict[str, Any], prompts: list[Prompt], cfg: EvaluateConfig,
-                base: list[Image.Image], tuned: list[Image.Image]) -> dict[str, dict[str, float]] | None:
-    """Gold accuracy per category (shapes models with prompts of the shapes grammar), else None."""
-    if not spec["family"].startswith("shapes-"):
-        return None
-    from capo.shapes.checker import gold_accuracy
-    from capo.shapes.world import parse_prompt
+@dataclass
+class Evaluation:
+    """The held-out evaluation of one base model (``capo evaluate`` and ``capo experiment``):
+    items [N] = (prompt, seed index), the rewards ``names``; scores are per item, [N] per reward
+    (and ``GOLD`` for prompts the gold checker reads). Rewards are loaded on first use and kept
+    when ``keep_rewards`` (an experiment scores many models), else freed after each ``score``."""
 
-    try:
-        specs = [parse_prompt(p.prompt) for p in prompts for _ in range(cfg.seeds)]
-    except CapoError:
-        return None
-    return {"base": gold_accuracy(base, specs), "tuned": gold_accuracy(tuned, specs)}
+    spec: dict[str, Any]
+    cfg: EvaluateConfig
+    items: list[Item]
+    names: list[str]
+    steps: int | None = None
+    guidance: float | None = None
+    keep_rewards: bool = False
+    rewards: dict[str, RewardModel] = field(default_factory=dict)
+    higher: dict[str, bool] = field(default_factory=dict)  # reward name -> higher_is_better
+
+    @classmethod
+    def of(cls, run: RunDir, cfg: EvaluateConfig, names: list[str], keep_rewards: bool = False) -> Evaluation:
+        """The evaluation of ``run``'s base model with ``cfg`` (steps and guidance default to the
+        run's generate settings)."""
+        gen = run.load_config().get("generate", {})
+        steps = cfg.steps if cfg.steps is not None else gen.get("steps")
+        guidance = cfg.guidance if cfg.guidance is not None else gen.get("guidance")
+        prompts = subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed)
+        items = items_of(prompts, cfg.seeds)
+        return cls(run.read_base_model(), cfg, items, names, steps, guidance, keep_rewards)
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """The distinct prompts [P] of the items, in order."""
+        return list({p.prompt_id: p for p, _ in self.items}.values())
+
+    def per_prompt(self, x: np.ndarray) -> np.ndarray:
+        """Scores per item [N] -> [P, S] (rows: prompts, prompt-major items)."""
+        return np.asarray(x).reshape(len(self.prompts), -1)
+
+    def load_model(self, model_dir: Path | None = None) -> DiffusionAdapter:
+        """The base model, with the trained weights in ``model_dir`` applied (None: the base itself)."""
+        adapter = load_base(self.spec, resolve_device(self.cfg.device), self.cfg.dtype)
+        if model_dir is not None:
+            from capo.pipeline.train import apply_trained
+
+            apply_trained(adapter, model_dir).denoiser.eval()
+        return adapter
+
+    def sample(self, adapter: DiffusionAdapter, desc: str) -> list[Image.Image]:
+        """Images [N] of the items, in batches of cfg.batch_size."""
+        images: list[Image.Image] = []
+        with torch.inference_mode(), tqdm(total=len(self.items), desc=desc, unit="img") as bar:
+            for b in range(0, len(self.items), self.cfg.batch_size):
+                batch = self.items[b : b + self.cfg.batch_size]
+                seeds = [sample_seed(self.cfg.seed, p.prompt_id, s) for p, s in batch]
+                texts = [p.prompt for p, _ in batch]
+                images += adapter.sample(texts, seeds, self.steps, self.guidance).images
+                bar.update(len(batch))
+        return images
+
+    def reward(self, name: str) -> RewardModel:
+        if name not in self.rewards:
+            cfg = ScoreConfig(reward=[name], device=self.cfg.device, reward_options=self.cfg.reward_options)
+            self.rewards[name] = load_scorer(name, cfg)
+            self.higher[name] = bool(self.rewards[name].higher_is_better)
+        return self.rewards[name]
+
+    def score(self, groups: dict[str, list[Image.Image]]) -> dict[str, dict[str, np.ndarray]]:
+        """Raw scores [N] per reward (and gold verdicts) of each group of images [N] ("base",
+        "tuned", ...); each reward is loaded once for all groups."""
+        texts = [p.prompt for p, _ in self.items] * len(groups)
+        labels = [f"{g} prompt {p.prompt_id} seed {s}" for g in groups for p, s in self.items]
+        images = [im for group in groups.values() for im in group]
+        out: dict[str, dict[str, np.ndarray]] = {g: {} for g in groups}
+        for name in self.names:
+            raw = score_images(self.reward(name), name, images, texts, labels)
+            for g, part in zip(groups, np.split(raw, len(groups)), strict=True):
+                out[g][name] = part
+            if not self.keep_rewards:
+                del self.rewards[name]
+        for g, group in groups.items():
+            if (gold := self.gold(group)) is not None:
+                out[g][GOLD] = gold
+        return out
+
+    def gold(self, images: list[Image.Image]) -> np.ndarray | None:
+        """Gold checker verdicts [N] (1.0 correct) for shapes models and shapes prompts, else None."""
+        if not self.spec["family"].startswith("shapes-"):
+            return None
+        from capo.shapes.checker import check_all
+        from capo.shapes.world import parse_prompt
+
+        try:
+            specs = [parse_prompt(p.prompt) for p, _ in self.items]
+        except CapoError:
+            return None
+        return check_all(images, specs).astype(np.float64)
+
+    def results(self, base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> dict[str, Any]:
+        """results.json: per reward the win-rate (%) of tuned over base with its bootstrap 95%
+        interval over prompts and the mean raw scores (Table 2); gold accuracy per category."""
+        out: dict[str, Any] = {"rewards": {}}
+        for name in self.names:
+            sign = 1.0 if self.higher[name] else -1.0  # a win is a better score, whatever the direction
+            t, b = sign * self.per_prompt(tuned[name]), sign * self.per_prompt(base[name])
+            low, high = stats.bootstrap_ci(t, b, n_boot=self.cfg.n_boot, seed=self.cfg.seed)
+            out["rewards"][name] = {"win_rate": stats.win_rate(t, b), "ci_low": low, "ci_high": high,
+                                    "mean_base": float(base[name].mean()),
+                                    "mean_tuned": float(tuned[name].mean())}
+        if GOLD in tuned:
+            from capo.shapes.checker import accuracy_by_category
+
+            cats = [p.category for p, _ in self.items]
+            out[GOLD] = {"base": accuracy_by_category(base[GOLD], cats),
+                         "tuned": accuracy_by_category(tuned[GOLD], cats)}
+        return out
+
+    def scores_table(self, base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> pa.Table:
+        """scores.csv: prompt_id, category, seed_idx, then NAME/base, NAME/tuned per reward (and gold)."""
+        cols: dict[str, Any] = {"prompt_id": [p.prompt_id for p, _ in self.items],
+                                "category": [p.category for p, _ in self.items],
+                                "seed_idx": [s for _, s in self.items]}
+        for name in tuned:
+            cols[f"{name}/base"], cols[f"{name}/tuned"] = base[name], tuned[name]
+        return pa.table(cols)
+
+    def write(self, run: RunDir, images: tuple[list[Image.Image], list[Image.Image]],
+              base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> dict[str, Any]:
+        """eval/results.json, results.md, scores.csv (raw scores per image) and grid.png (first
+        seed of the first cfg.grid_prompts prompts), atomically; returns the results."""
+        results = self.results(base, tuned)
+        out = run.eval_dir
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(results, indent=1) + "\n", out / "results.json")
+        write_text_atomic(results_markdown(results), out / "results.md")
+        pacsv.write_csv(self.scores_table(base, tuned), out / ".scores.csv.tmp")
+        (out / ".scores.csv.tmp").replace(out / "scores.csv")
+        first = [i for i, (_, s) in enumerate(self.items) if s == 0][: self.cfg.grid_prompts]
+        image_grid([self.items[i][0].prompt for i in first], [images[0][i] for i in first],
+                   [images[1][i] for i in first], out / "grid.png")
+        return results
 
 
 def with_score_options(run: RunDir, cfg: EvaluateConfig) -> EvaluateConfig:
@@ -116,54 +231,25 @@ def with_score_options(run: RunDir, cfg: EvaluateConfig) -> EvaluateConfig:
 
 def evaluate(run: RunDir, cfg: EvaluateConfig) -> dict[str, Any]:
     """Write eval/results.json, results.md, scores.csv, grid.png; returns the results dict."""
-    spec = run.read_base_model()
+    run.read_base_model()  # a run without `capo generate` is refused first
     tuned_dir = Path(cfg.tuned) if cfg.tuned else run.model_dir
     if not tuned_dir.is_dir():
         raise CapoError("no tuned model; run `capo train` first (or pass --tuned DIR)", path=str(tuned_dir))
     cfg = with_score_options(run, cfg)
     scored = run.load_config().get("score", {}).get("reward")
     names = cfg.reward or scored or run.reward_names() or DEFAULT_REWARDS
-    prompts = subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed)
-    gen = run.load_config().get("generate", {})
-    steps = cfg.steps if cfg.steps is not None else gen.get("steps")
-    guidance = cfg.guidance if cfg.guidance is not None else gen.get("guidance")
-    adapter = load_base(spec, resolve_device(cfg.device), cfg.dtype)
-    base = sample_all(adapter, prompts, cfg, steps, guidance, "evaluate base")
+    ev = Evaluation.of(run, cfg, list(names))
+    adapter = ev.load_model()
+    base = ev.sample(adapter, "evaluate base")
     from capo.pipeline.train import apply_trained
 
     apply_trained(adapter, tuned_dir).denoiser.eval()
-    tuned = sample_all(adapter, prompts, cfg, steps, guidance, "evaluate tuned")
+    tuned = ev.sample(adapter, "evaluate tuned")
     del adapter
-    results: dict[str, Any] = {"rewards": {}}
-    columns: dict[str, Any] = {"prompt_id": [p.prompt_id for p in prompts for _ in range(cfg.seeds)],
-                               "seed_idx": [s for _ in prompts for s in range(cfg.seeds)]}
-    for name in names:
-        results["rewards"][name], raw_b, raw_t = reward_report(name, cfg, base, tuned, prompts)
-        columns[f"{name}/base"], columns[f"{name}/tuned"] = raw_b.reshape(-1), raw_t.reshape(-1)
-    gold = gold_report(spec, prompts, cfg, base, tuned)
-    if gold is not None:
-        results["gold"] = gold
-    write_outputs(run, results, pa.table(columns), (prompts, base, tuned), cfg)
+    scores = ev.score({"base": base, "tuned": tuned})
+    results = ev.write(run, (base, tuned), scores["base"], scores["tuned"])
     run.save_config("evaluate", to_dict(cfg))
     return results
-
-
-Grid = tuple[list[Prompt], list[Image.Image], list[Image.Image]]
-
-
-def write_outputs(run: RunDir, results: dict[str, Any], scores: pa.Table, grid: Grid,
-                  cfg: EvaluateConfig) -> None:
-    """eval/results.json, results.md, scores.csv (raw scores per image) and grid.png, atomically."""
-    out = run.eval_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps(results, indent=1) + "\n", out / "results.json")
-    write_text_atomic(results_markdown(results), out / "results.md")
-    pacsv.write_csv(scores, out / ".scores.csv.tmp")
-    (out / ".scores.csv.tmp").replace(out / "scores.csv")
-    prompts, base, tuned = grid
-    k = min(cfg.grid_prompts, len(prompts))
-    image_grid([p.prompt for p in prompts[:k]], base[:: cfg.seeds][:k], tuned[:: cfg.seeds][:k],
-               out / "grid.png")
 
 
 def results_markdown(results: dict[str, Any]) -> str:

@@ -245,7 +245,13 @@ def check_all(images: Sequence, specs: Sequence[PromptSpec], batch_size: int = 2
 
 def gold_accuracy(images: Sequence, specs: Sequence[PromptSpec]) -> dict[str, float]:
     """Per-category accuracy and ``overall`` = mean over the categories present (GenEval)."""
-    ok = check_all(images, specs)
-    cats = np.array([s.category for s in specs])
+    return accuracy_by_category(check_all(images, specs), [s.category for s in specs])
+
+
+def accuracy_by_category(ok: np.ndarray, categories: Sequence[str]) -> dict[str, float]:
+    """GenEval's summary of verdicts ok [N] (1 = correct) of images of the given categories [N]:
+    acc_c = mean of ok over category c, and ``overall`` = (1/|C|) Σ_c acc_c over the categories
+    present (in ``CATEGORIES`` order)."""
+    ok, cats = np.asarray(ok, dtype=np.float64).reshape(-1), np.asarray(categories)
     acc = {c: float(ok[cats == c].mean()) for c in CATEGORIES if (cats == c).any()}
     return {"overall": float(np.mean(list(acc.values()))) if acc else float("nan"), **acc}
