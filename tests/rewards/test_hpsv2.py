@@ -15,6 +15,7 @@ from tiny_clip import (
     clip_to_open_clip,
     direct_features,
     fixed_images,
+    hpsv2_tensor_reference,
     resize_max_size_reference,
     save_tiny_clip,
     score_one_by_one,
@@ -122,15 +123,25 @@ def test_declares_its_bradley_terry_view(reward):
     assert reward.encoder.model.dtype == torch.float32 and not reward.encoder.model.training
 
 
-def test_preprocessing_matches_open_clip_resize_max_size(reward):
+def test_preprocessing_is_hpsv2s_tensor_pipeline(reward):
+    """ToTensor first, then the antialiased bicubic resize of the float tensor, pad, normalise; the
+    PIL-first order (resize the uint8 image, capo before issue 11) differs by uint8 rounding."""
     ours = reward.encoder.preprocess(IMAGES).numpy()
-    expected = np.stack([resize_max_size_reference(im) for im in IMAGES])
+    expected = np.stack([hpsv2_tensor_reference(im) for im in IMAGES])
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+    pil_first = np.stack([resize_max_size_reference(im) for im in IMAGES])
+    assert np.abs(ours - pil_first).max() > 1e-3
+
+
+def test_antialias_option(repo):
+    plain = HPSv2(repo[1], repo[0], device="cpu", antialias=False)
+    expected = np.stack([hpsv2_tensor_reference(im, antialias=False) for im in IMAGES])
+    np.testing.assert_allclose(plain.encoder.preprocess(IMAGES).numpy(), expected, atol=1e-5, rtol=0)
 
 
 def test_scores_equal_cosine_of_the_checkpoint_model(repo, reward):
     tokens = reward.encoder.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
-    pixels = torch.from_numpy(np.stack([resize_max_size_reference(im) for im in IMAGES])).float()
+    pixels = torch.from_numpy(np.stack([hpsv2_tensor_reference(im) for im in IMAGES])).float()
     e_img, e_txt = direct_features(repo[2], pixels, tokens["input_ids"], tokens["attention_mask"])
     scores = reward.score(IMAGES, PROMPTS)
     assert scores.dtype == np.float32 and scores.shape == (4,)
@@ -141,7 +152,7 @@ def test_scores_equal_cosine_of_the_checkpoint_model(repo, reward):
 def test_scores_equal_an_open_clip_forward_of_the_checkpoint(repo, reward):
     """Architecture check: transformers' CLIPModel with converted weights == open_clip's maths."""
     sd = {k: v.float() for k, v in torch.load(repo[1], weights_only=True)["state_dict"].items()}
-    pixels = torch.from_numpy(np.stack([resize_max_size_reference(im) for im in IMAGES])).float()
+    pixels = torch.from_numpy(np.stack([hpsv2_tensor_reference(im) for im in IMAGES])).float()
     e_img, e_txt = open_clip_features(sd, pixels, open_clip_tokens(reward.encoder.tokenizer, PROMPTS))
     expected = (e_img * e_txt).sum(-1).numpy()
     np.testing.assert_allclose(reward.score(IMAGES, PROMPTS), expected, atol=1e-5, rtol=0)

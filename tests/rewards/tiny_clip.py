@@ -196,6 +196,25 @@ def resize_max_size_reference(image: Image.Image, size: int = 224) -> np.ndarray
     return (padded.transpose(2, 0, 1) / 255.0 - MEAN) / STD
 
 
+def hpsv2_tensor_reference(image: Image.Image, size: int = 224, antialias: bool = True) -> np.ndarray:
+    """HPSv2's ``preprocess_val`` as torchvision runs it (hpsv2 1.2.0 ``src/open_clip/transform.py``
+    lines 140-157, ``ResizeMaxSize`` lines 26-49): ``ToTensor`` = uint8 HWC -> float CHW / 255;
+    ``F.resize`` of a float tensor = ``torch.nn.functional.interpolate(img[None], [h, w], mode="bicubic",
+    align_corners=False, antialias=antialias)`` without clamping (torchvision
+    ``_functional_tensor.resize``); ``F.pad(padding=[l, t, r, b], fill=0)`` = constant zero padding;
+    ``Normalize``. Computed in float64 except the resize (float32, as torchvision)."""
+    chw = torch.from_numpy(np.asarray(image.convert("RGB"), np.uint8).copy()).permute(2, 0, 1).float() / 255
+    height, width = chw.shape[1:]
+    scale = size / float(max(height, width))
+    new_h, new_w = round(height * scale), round(width * scale)
+    resized = torch.nn.functional.interpolate(
+        chw[None], size=[new_h, new_w], mode="bicubic", align_corners=False, antialias=antialias
+    )[0].double().numpy()
+    pad_h, pad_w = size - new_h, size - new_w
+    padded = np.pad(resized, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)))
+    return (padded - MEAN) / STD
+
+
 def transformers_reference(images: list[Image.Image], directory: Path | None = None) -> np.ndarray:
     """transformers' own CLIPImageProcessor algorithm (its PIL backend; the default backend needs
     torchvision), from ``directory``'s preprocessor_config.json or laion/CLIP-ViT-H-14's settings."""

@@ -28,7 +28,7 @@ from capo.rewards.clip_common import (
     resolve_dtype,
     resolve_file,
 )
-from capo.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess
+from capo.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TensorResizeMaxSize
 
 #: transformers config (and tokenizer) of open_clip ViT-H-14 laion2B-s32B-b79K, the model HPSv2 fine-tunes.
 VIT_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -36,17 +36,11 @@ HPS_V2_CHECKPOINT = "hf://xswu/HPSv2/HPS_v2_compressed.pt"
 HPS_V21_CHECKPOINT = "hf://xswu/HPSv2/HPS_v2.1_compressed.pt"
 
 
-def hpsv2_preprocess(image_size: int) -> ClipPreprocess:
-    """HPSv2's ``preprocess_val``: open_clip ``image_transform(image_size, is_train=False,
-    resize_longest_max=True)`` = ResizeMaxSize (longest side, bicubic, black pad), ToTensor,
-    Normalize(OpenAI mean/std)."""
-    return ClipPreprocess(
-        size=image_size,
-        crop_size=image_size,
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
-        resize="longest_edge_pad",
-    )
+def hpsv2_preprocess(image_size: int, antialias: bool = True) -> TensorResizeMaxSize:
+    """HPSv2's ``preprocess_val``: its open_clip fork's ``image_transform(image_size, is_train=False,
+    resize_longest_max=True)`` = ToTensor, ResizeMaxSize on the float tensor (longest side, bicubic,
+    black pad), Normalize(OpenAI mean/std)."""
+    return TensorResizeMaxSize(image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, antialias)
 
 
 class HPSv2(RewardModel):
@@ -55,7 +49,9 @@ class HPSv2(RewardModel):
     ``checkpoint``: a local ``.pt``/``.safetensors`` file or ``hf://OWNER/REPO/FILE`` (default
     ``hf://xswu/HPSv2/HPS_v2_compressed.pt``). ``config``: hub id or local directory of the
     transformers CLIP config and tokenizer of the architecture (default ViT-H-14,
-    ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; its weights are not downloaded).
+    ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; its weights are not downloaded). ``antialias``: of the
+    bicubic resize of the float tensor (default True, torchvision's default for tensors since 0.17;
+    False reproduces hpsv2 run with torchvision < 0.17).
 
     Bradley-Terry view (DESIGN §2, paper Eq. 2): HPSv2 is trained like CLIP, with a softmax over
     ``exp(logit_scale) · cos``, starting from ViT-H-14 whose exp(logit_scale) is 100 (CLIP's clamp),
@@ -77,6 +73,7 @@ class HPSv2(RewardModel):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         batch_size: int = 32,
+        antialias: bool = True,
     ):
         from transformers import CLIPConfig
 
@@ -87,7 +84,7 @@ class HPSv2(RewardModel):
             raise CapoError(f"cannot load CLIP config '{config}': {str(err).splitlines()[0]}") from None
         state_dict = load_state_dict_file(resolve_file(checkpoint or self.default_checkpoint))
         model = clip_from_open_clip(clip_config, state_dict, dev, dt)
-        preprocess = hpsv2_preprocess(int(clip_config.vision_config.image_size))
+        preprocess = hpsv2_preprocess(int(clip_config.vision_config.image_size), antialias)
         self.encoder = ClipEncoder(model, load_tokenizer(config), preprocess, dev)
         self.batch_size = batch_size
 

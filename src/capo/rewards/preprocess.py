@@ -9,7 +9,8 @@ step for step so that the pixels the network sees are the published ones:
 - transformers ``CLIPImageProcessor``: the same resize, centre-crop offsets ``(H - h) // 2``,
   rescale by 1/255, normalise (``crop_rounding="floor"``).
 - HPSv2's open_clip fork (``ResizeMaxSize``): the longest side to ``size``, zero padding to a
-  square (``resize="longest_edge_pad"``).
+  square. HPSv2 applies it after ``ToTensor``, to the float tensor (``TensorResizeMaxSize``, the
+  one HPSv2 uses); ``resize="longest_edge_pad"`` is the PIL-first variant of open_clip proper.
 
 The two crop roundings differ only when the resized long side minus the crop is odd.
 Images are converted to RGB first (transformers' order; open_clip converts after resizing, which
@@ -164,3 +165,39 @@ class ClipPreprocess:
             "resample": int(config.get("resample", BICUBIC)),
         }
         return cls(**{**fields, **overrides})
+
+
+@dataclass(frozen=True)
+class TensorResizeMaxSize:
+    """HPSv2's ``preprocess_val`` in its order (hpsv2 1.2.0, ``src/open_clip/transform.py``
+    ``image_transform(is_train=False, resize_longest_max=True)``): RGB, ``ToTensor`` (x / 255),
+    ``ResizeMaxSize`` on the float tensor, ``Normalize``. The resize is torchvision's tensor
+    ``F.resize``: ``interpolate(bicubic, align_corners=False, antialias)`` with no clamping, to
+    (round(h·s), round(w·s)), s = size / max(h, w); then zero padding [left, top, right, bottom] =
+    [pw // 2, ph // 2, pw − pw // 2, ph − ph // 2]. ``antialias=True`` is torchvision's default for
+    tensors since 0.17. As in ``resize_longest_edge_pad``, an image whose long side already is
+    ``size`` is padded too (the reference skips the pad and returns a non-square tensor)."""
+
+    size: int = 224
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+    antialias: bool = True
+
+    def image(self, image: Image.Image) -> torch.Tensor:
+        """One image -> float32 [3, size, size]."""
+        pixels = to_tensor(image.convert("RGB"))  # [3, h, w]
+        h, w = pixels.shape[1:]
+        scale = self.size / float(max(h, w))
+        if scale != 1.0:
+            new = (max(1, round(h * scale)), max(1, round(w * scale)))
+            pixels = torch.nn.functional.interpolate(
+                pixels[None], size=new, mode="bicubic", align_corners=False, antialias=self.antialias
+            )[0]
+        pad_h, pad_w = self.size - pixels.shape[1], self.size - pixels.shape[2]
+        padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)  # left, right, top, bottom
+        pixels = torch.nn.functional.pad(pixels, padding)
+        return normalize(pixels, self.mean, self.std)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """A batch: float32 [B, 3, size, size]."""
+        return torch.stack([self.image(im) for im in images])
