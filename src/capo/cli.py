@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "capo.pipeline.commands:register_evaluate",
     "run": "capo.pipeline.run:register",
     "experiment": "capo.experiments.runner:register",
+    "sweep": "capo.experiments.sweep:register",
     "report": "capo.report.html:register",
     "shapes": "capo.shapes.pretrain:register",
 }

@@ -87,6 +87,41 @@ def test_constant_weighting_and_names():
     assert plan.cells["vp/capo-frs-const-s0"].bias is None
 
 
+def test_hyper_gives_each_objective_its_own_values_and_names():
+    cfg = config(tables=["table2"], objectives=["capo", "dpo"], key_cells=[],
+                 hyper={"vp": {"capo": {"beta": 100, "learning_rate": 3e-4}}})
+    plan = expand(cfg, TRAIN)
+    cell = plan.cells["vp/capo-frs-sig1.5-b100-lr0.0003-s0"]
+    assert (cell.beta, cell.lr) == (100.0, 3e-4)
+    assert plan.cells["vp/dpo-frs-sig1.5-s0"].beta is None  # the train section's
+    assert plan.cells["flow/capo-frs-sig1.5-s0"].beta is None  # hyper is per model
+    assert plan_from_json(plan_to_json(plan)).cells == plan.cells
+
+
+def test_sweep_grid_cells_and_entries():
+    cfg = config(tables=["sweep"], models={"vp": "shapes-vp"}, train_seeds=[0, 1],
+                 sweep_betas={"capo": [10, 100], "dpo": [1000]}, sweep_learning_rates=[1e-4, 3e-4])
+    plan = expand(cfg, TRAIN)
+    assert len(plan.cells) == 3 * 2 * 2  # (2 + 1) betas x 2 lrs x 2 seeds
+    entries = plan.entries_of("sweep", "vp")
+    assert [(e.row, e.column) for e in entries][:2] == [("capo", "beta=10 lr=0.0001"),
+                                                       ("capo", "beta=10 lr=0.0003")]
+    assert all(len(e.refs) == 2 for e in entries)
+    assert {plan.cells[r.cell].rule for e in entries for r in e.refs} == {"frs"}
+
+
+def test_train_config_takes_the_cells_values():
+    from capo.experiments.runner import train_config
+    from capo.pipeline.train import TrainConfig
+
+    template = TrainConfig(run="x", beta=1000.0, learning_rate=1e-4)
+    cell = Cell("vp", "capo", "frs", None, "sigmoid", 1.5, 0, 10, beta=50.0)
+    got = train_config(template, cell, "r", 10)
+    assert (got.beta, got.learning_rate, got.objective) == (50.0, 1e-4, "capo")
+    plain = train_config(template, Cell("vp", "dpo", "frs", None, "sigmoid", 1.5, 0, 10), "r", 10)
+    assert (plain.beta, plain.learning_rate) == (1000.0, 1e-4)
+
+
 @pytest.mark.parametrize("data, message", [
     ({"tables": ["table9"]}, "config key 'tables': unknown 'table9'"),
     ({"objectives": ["ppo"]}, "config key 'objectives': unknown 'ppo'"),
@@ -101,6 +136,13 @@ def test_constant_weighting_and_names():
     ({"soup": "ties"}, "config key 'soup'"),
     ({"overopt_every": 0}, "'overopt_every'"),
     ({"nope": 1}, "unknown config key 'nope'"),
+    ({"sweep_betas": {"ppo": [1]}}, "config key 'sweep_betas': unknown 'ppo'"),
+    ({"sweep_betas": {"capo": [0]}}, "'sweep_betas' must list positive numbers"),
+    ({"sweep_rule": "best_worst"}, "'sweep_rule' must be frs or sum"),
+    ({"criterion": "gold"}, "config key 'criterion': unknown 'gold'"),
+    ({"hyper": {"xx": {"capo": {"beta": 1}}}}, "'hyper': 'xx' is not a model label"),
+    ({"hyper": {"vp": {"capo": {"lr": 1}}}}, "config key 'hyper.vp.capo': unknown 'lr'"),
+    ({"hyper": {"vp": {"capo": {"beta": -1}}}}, "'hyper.vp.capo' must hold positive numbers"),
 ])
 def test_bad_config_is_one_clear_error(data, message):
     with pytest.raises(CapoError, match=message):

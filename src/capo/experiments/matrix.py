@@ -6,7 +6,13 @@ For each base model (label -> model) the experiment reproduces the paper's table
 - ``table2`` (Table 2): objective x {SUM, SOUP, FRS} (Sec. 5.2); SOUP merges the ``table1``
   models of the same objective (``soup``: slerp of their LoRA task vectors), no training;
 - ``table5`` (Table 5): CaPO + FRS under each loss weighting (Sec. 4.4);
-- ``overopt``: DPO and CaPO on one learned reward (best/worst pairs), evaluated every K steps.
+- ``overopt``: DPO and CaPO on one learned reward (best/worst pairs), evaluated every K steps;
+- ``sweep`` (``capo sweep``): objective x β (x learning rate), pairs by ``sweep_rule``, evaluated
+  on the validation prompts, to choose each objective's values (``hyper``) before the tables run.
+
+``hyper`` (MODEL -> OBJECTIVE -> {beta, learning_rate}) gives every cell of that model and
+objective its own training values (the sweep's chosen.yaml); a cell with its own values carries
+them in its name (``capo-frs-sig1.5-b100-s0``).
 
 A cell is one training (or one soup) = (model, objective, pair rule [+ reward], weighting, bias,
 training seed); it is trained once even when several tables use it. A table entry points at cells
@@ -28,7 +34,9 @@ from capo.config import doc, from_dict, load_yaml
 from capo.errors import CapoError
 from capo.pipeline.score import DEFAULT_REWARDS
 
-TABLES = ("table1", "table2", "table5", "overopt")
+TABLES = ("table1", "table2", "table5", "overopt", "sweep")
+#: training values a sweep may vary / ``hyper`` may set per model and objective -> Cell field
+HYPER_KEYS = {"beta": "beta", "learning_rate": "lr"}
 #: Table 2 method -> pair rule of its cells
 METHODS: dict[str, str] = {"SUM": "sum", "SOUP": "soup", "FRS": "frs"}
 OBJECTIVES = ("dpo", "ipo", "capo")
@@ -53,7 +61,8 @@ class ExperimentConfig:
     rewards: list[str] = doc("reward models: each trains a Table 1 column; all are evaluated",
                              list(DEFAULT_REWARDS))
     objectives: list[str] = doc("preference objectives of Tables 1 and 2", list(OBJECTIVES))
-    tables: list[str] = doc("tables to produce: table1, table2, table5, overopt", list(TABLES))
+    tables: list[str] = doc("tables to produce: table1, table2, table5, overopt (sweep: capo sweep)",
+                            ["table1", "table2", "table5", "overopt"])
     train_seeds: list[int] = doc("training seeds of every cell", [0])
     key_cells: list[str] = doc("Table 2 cells OBJECTIVE-METHOD run with key_seeds",
                                ["capo-frs", "dpo-frs", "capo-sum"])
@@ -66,6 +75,15 @@ class ExperimentConfig:
                               "shapes-preference")
     overopt_steps: int | None = doc("training steps of the over-optimisation cells (default: train)", None)
     overopt_every: int = doc("evaluate the over-optimisation cells every K steps", 50)
+    hyper: dict = doc("per model and objective training values chosen on validation (capo sweep's "
+                      "chosen.yaml): MODEL -> OBJECTIVE -> {beta, learning_rate}", {})
+    sweep_betas: dict = doc("capo sweep: the beta grid per objective, OBJECTIVE -> [beta, ...]", {})
+    sweep_learning_rates: list[float] = doc("capo sweep: learning rates crossed with every beta "
+                                            "(empty: the train section's)", [])
+    sweep_rule: str = doc("capo sweep: pair rule of the sweep cells: frs | sum", "frs")
+    criterion: str = doc("capo sweep: the choice on validation, declared before the run: mean_win "
+                         "(mean over the trained rewards of the win-rate) | min_win | mean_low (mean "
+                         "of the intervals' lower bounds); never gold, never test", "mean_win")
     torch_threads: int | None = doc("CPU threads of torch (default: torch's; 1 on a busy CPU)", None)
     generate: dict = doc("settings of stage generate, shared by every cell (GenerateConfig)", {})
     score: dict = doc("settings of stage score (ScoreConfig; rewards come from 'rewards')", {})
@@ -95,10 +113,41 @@ class ExperimentConfig:
             parse_key_cell(item)
         for item in self.weightings:
             parse_weighting(item)
+        self._validate_sweep()
         for section, keys in RESERVED.items():
             given = [k for k in keys if k in (getattr(self, section) or {})]
             if given:
                 raise CapoError(f"config key '{section}.{given[0]}' is set by the experiment; remove it")
+
+
+    def _validate_sweep(self) -> None:
+        from capo.experiments.sweep import CRITERIA
+
+        _check_subset("sweep_betas", list(self.sweep_betas), OBJECTIVES)
+        if self.sweep_rule not in ("frs", "sum"):
+            raise CapoError(f"config key 'sweep_rule' must be frs or sum, got '{self.sweep_rule}'")
+        if self.criterion not in CRITERIA:
+            raise CapoError(f"config key 'criterion': unknown '{self.criterion}' "
+                            f"(known: {', '.join(CRITERIA)})")
+        grids = [("sweep_betas", v) for v in self.sweep_betas.values()]
+        for key, values in [*grids, ("sweep_learning_rates", self.sweep_learning_rates)]:
+            if not isinstance(values, list) or not all(_positive(v) for v in values):
+                raise CapoError(f"config key '{key}' must list positive numbers, got {values}")
+        for model, per_objective in self.hyper.items():
+            if model not in self.models or not isinstance(per_objective, dict):
+                raise CapoError(f"config key 'hyper': '{model}' is not a model label mapping to objectives")
+            _check_subset(f"hyper.{model}", list(per_objective), OBJECTIVES)
+            for objective, values in per_objective.items():
+                where = f"hyper.{model}.{objective}"
+                if not isinstance(values, dict) or not values:
+                    raise CapoError(f"config key '{where}' must map beta / learning_rate to numbers")
+                _check_subset(where, list(values), tuple(HYPER_KEYS))
+                if not all(_positive(v) for v in values.values()):
+                    raise CapoError(f"config key '{where}' must hold positive numbers, got {values}")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _check_subset(key: str, values: list[str], known: tuple[str, ...]) -> None:
@@ -155,12 +204,15 @@ class Cell:
     steps: int
     every: int = 0  # keep a snapshot every K steps (0: only the final model)
     members: tuple[CellRef, ...] = ()  # soup: the merged models
+    beta: float | None = None  # None: the train section's
+    lr: float | None = None  # learning rate; None: the train section's
 
     @property
     def name(self) -> str:
         pairs = f"bw.{self.reward}" if self.rule == "best_worst" else self.rule
         weight = "const" if self.weighting == "constant" else f"sig{self.bias:g}"
-        return f"{self.objective}-{pairs}-{weight}-s{self.seed}"
+        own = "".join(f"-{tag}{v:g}" for tag, v in (("b", self.beta), ("lr", self.lr)) if v is not None)
+        return f"{self.objective}-{pairs}-{weight}{own}-s{self.seed}"
 
     @property
     def key(self) -> str:
@@ -228,9 +280,13 @@ class _Expander:
 
     def cell(self, objective: str, rule: str, reward: str | None = None, seed: int = 0,
              steps: int | None = None, every: int = 0, weighting: tuple[str, float | None] | None = None,
-             members: tuple[CellRef, ...] = ()) -> Cell:
+             members: tuple[CellRef, ...] = (), hyper: dict[str, float] | None = None) -> Cell:
+        """The cell (added to the plan); training values from ``hyper``, else cfg.hyper[model][objective]."""
         w, b = weighting or (self.weighting, self.bias)
-        cell = Cell(self.model, objective, rule, reward, w, b, seed, steps or self.steps, every, members)
+        own = hyper if hyper is not None else self.cfg.hyper.get(self.model, {}).get(objective, {})
+        values = {HYPER_KEYS[k]: float(v) for k, v in own.items()}
+        cell = Cell(self.model, objective, rule, reward, w, b, seed, steps or self.steps, every, members,
+                    **values)
         return self.plan.add(cell)
 
     def entry(self, table: str, row: str, column: str, refs: list[CellRef]) -> None:
@@ -258,6 +314,17 @@ class _Expander:
             return ()
         return tuple(self.cell(objective, "best_worst", r, seed).ref(self.steps) for r in self.cfg.rewards)
 
+    def sweep(self) -> None:
+        """Row = objective, column = "beta=B[ lr=L]": ``sweep_betas`` x ``sweep_learning_rates``."""
+        for obj, betas in self.cfg.sweep_betas.items():
+            for beta in betas:
+                for lr in self.cfg.sweep_learning_rates or [None]:
+                    hyper = {"beta": beta} | ({"learning_rate": lr} if lr is not None else {})
+                    refs = [self.cell(obj, self.cfg.sweep_rule, None, s, hyper=hyper).ref(self.steps)
+                            for s in self.cfg.train_seeds]
+                    column = f"beta={beta:g}" + (f" lr={lr:g}" if lr is not None else "")
+                    self.entry("sweep", obj, column, refs)
+
     def table5(self) -> None:
         """CaPO + FRS under each loss weighting."""
         for item in self.cfg.weightings:
@@ -278,7 +345,7 @@ class _Expander:
 
 #: table -> the expander method adding its cells and entries
 BUILDERS = {"table1": _Expander.table1, "table2": _Expander.table2, "table5": _Expander.table5,
-            "overopt": _Expander.overopt}
+            "overopt": _Expander.overopt, "sweep": _Expander.sweep}
 
 
 def expand(cfg: ExperimentConfig, train: Any) -> Plan:

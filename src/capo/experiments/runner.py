@@ -139,12 +139,15 @@ def select_config(cell: Cell) -> SelectConfig:
 
 
 def train_config(template: Any, cell: Cell, run: str, step: int, resume: bool = False) -> Any:
-    """The cell's TrainConfig for training (in run directory ``run``) up to ``step``."""
+    """The cell's TrainConfig for training (in run directory ``run``) up to ``step``; the cell's own
+    beta and learning rate (chosen on validation) replace the template's."""
     bias = cell.bias if cell.bias is not None else template.sigmoid_bias
     every = cell.every or template.checkpoint_every
+    beta = cell.beta if cell.beta is not None else template.beta
+    lr = cell.lr if cell.lr is not None else template.learning_rate
     return dataclasses.replace(template, run=run, objective=cell.objective, weighting=cell.weighting,
                                sigmoid_bias=bias, seed=cell.seed, max_steps=step, checkpoint_every=every,
-                               resume=resume)
+                               resume=resume, beta=beta, learning_rate=lr)
 
 
 #: TrainConfig keys that do not change the trained model (left out of a cell's identity)
@@ -352,7 +355,8 @@ def workload(cfg: ExperimentConfig, stages: Stages, plan: Plan) -> dict[str, int
 
 
 #: short names of the shipped experiment configs
-SHIPPED = {"shapes": "experiment-shapes.yaml", "smoke": "experiment-smoke.yaml"}
+SHIPPED = {"shapes": "experiment-shapes.yaml", "smoke": "experiment-smoke.yaml",
+           "sweep": "experiment-sweep.yaml"}
 
 
 def config_path(name: str) -> str:

@@ -169,3 +169,41 @@ def category_grids(images_parquet: Path, out_dir: Path, prefix: str, per_categor
                    [decode(t["tuned"][i]) for i in rows], out_dir / name)
         out.append((cat, name))
     return out
+
+
+def frontier(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Reward-divergence frontier of a sweep (``capo.experiments.sweep``): one panel per reward (and
+    gold, for reading only), win-rate (%) with its 95% interval against the divergence from the
+    base, one line per objective through its grid points (labelled β), the chosen point starred."""
+    rows = [r for r in rows if r["divergence"] is not None and r["criterion"] is not None]
+    if not rows:
+        return False
+    rewards = list(rows[0]["wins"])
+    panels = [*rewards, *(["gold"] if rows[0]["gold"] else [])]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for objective in dict.fromkeys(r["objective"] for r in rows):
+            pts = sorted((r for r in rows if r["objective"] == objective), key=lambda r: r["divergence"])
+            stats_ = [r["gold"] if panel == "gold" else r["wins"][panel] for r in pts]
+            x = [r["divergence"] for r in pts]
+            y = np.array([s["value"] for s in stats_])
+            err = np.array([[v - s["low"], s["high"] - v] for v, s in zip(y, stats_, strict=True)]).T
+            line = ax.errorbar(x, y, yerr=err, marker="o", ms=3, lw=1.0, capsize=2, label=objective)
+            for r, xi, yi in zip(pts, x, y, strict=True):
+                ax.annotate(f"{r['beta']:g}", (xi, yi), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                if r.get("chosen"):
+                    ax.scatter([xi], [yi], marker="*", s=90, color=line[0].get_color(), zorder=5)
+        if panel == "gold":
+            ax.axhline(rows[0]["gold_base"]["value"], ls=":", c="k", lw=0.8)
+        else:
+            ax.axhline(50.0, ls=":", c="k", lw=0.8)
+        ax.set_title("gold accuracy (reading only)" if panel == "gold" else f"{panel} win (%)", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("divergence: image MSD vs base", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
