@@ -196,7 +196,8 @@ def register(sub: Any) -> None:
     """``capo sweep CONFIG [--out DIR] [--set KEY=VALUE ...] [--only GLOB] [--dry-run] [--tables-only]``."""
     p = sub.add_parser("sweep", help="choose each objective's beta (and lr) on validation prompts",
                        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
-    p.add_argument("config", metavar="CONFIG", help="experiment YAML file with sweep_betas, or the shipped one: sweep")
+    p.add_argument("config", metavar="CONFIG",
+                   help="experiment YAML file with sweep_betas, or the shipped one: sweep")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep directory (default: the config's 'out')")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="override a setting, e.g. --set 'sweep_betas={capo: [10, 100]}'")
