@@ -92,6 +92,7 @@ def test_paper_configs_hold_the_papers_settings(name):
     assert s["score"].reward == ["mps", "vqascore", "laion-aesthetic"]
     assert s["select"].rule == "frs"
     assert (s["train"].objective, s["train"].weighting) == ("capo", "sigmoid")
+    assert s["train"].normalize_weighting is False  # the paper's f(t), so its beta keeps its meaning
     if bias is not None:
         assert s["train"].sigmoid_bias == bias
 

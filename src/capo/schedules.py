@@ -28,6 +28,8 @@ class Schedule(Protocol):
 
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor: ...
 
+    def t_nodes(self) -> tuple[Tensor, Tensor]: ...
+
 
 def _wide(device: torch.device) -> torch.dtype:
     """float64 for the schedule arithmetic, except on MPS, which has no float64."""
@@ -99,6 +101,18 @@ class VPSchedule:
         i = torch.randint(i_lo, i_hi + 1, (n,), generator=generator, device=gen_device)
         return (i.to(_wide(i.device)) / T).float().to(device or gen_device)
 
+    def t_nodes(self) -> tuple[Tensor, Tensor]:
+        """The training t-distribution exactly: every t that ``sample_t`` draws (float32 [N], the
+        same values) and its probability 1 / N (float64 [N]), so E_t g = Σ_j p_j g(t_j)."""
+        T = self.num_train_timesteps
+        i_lo, i_hi = math.ceil(self.t_min * T - 1e-9), math.floor(self.t_max * T + 1e-9)
+        t = (torch.arange(i_lo, i_hi + 1, dtype=torch.float64) / T).float()
+        return t, torch.full(t.shape, 1.0 / t.numel(), dtype=torch.float64)
+
+
+#: Gauss–Legendre nodes of FlowSchedule.t_nodes (E_u f of the sigmoid weighting to ~1e-12)
+FLOW_NODES = 256
+
 
 class FlowSchedule:
     """Rectified flow (SD3, FLUX): x_t = (1 − s) x + s ε with s = k u / (1 + (k − 1) u) (§2).
@@ -136,6 +150,16 @@ class FlowSchedule:
         gen_device = generator.device if generator is not None else "cpu"
         r = torch.rand((n,), generator=generator, device=gen_device)
         return (self.t_min + (self.t_max - self.t_min) * r).to(device or gen_device)
+
+    def t_nodes(self, n: int = FLOW_NODES) -> tuple[Tensor, Tensor]:
+        """Quadrature of u ~ U[t_min, t_max]: nodes u_j (float64 [n]) and weights p_j (Σ p_j = 1)
+        with E_u g(u) ≈ Σ_j p_j g(u_j). Gauss–Legendre in z = logit(u), u = σ(z), du = u (1 − u) dz,
+        which turns the 1/u and 1/(1 − u) ends of λ'_u into a smooth integrand in z."""
+        z, w = np.polynomial.legendre.leggauss(n)
+        lo, hi = math.log(self.t_min / (1 - self.t_min)), math.log(self.t_max / (1 - self.t_max))
+        u = torch.sigmoid(torch.as_tensor(lo + (hi - lo) * (z + 1) / 2, dtype=torch.float64))
+        p = torch.as_tensor(w * (hi - lo) / 2, dtype=torch.float64) * u * (1 - u) / (self.t_max - self.t_min)
+        return u, p / p.sum()
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:

@@ -2,6 +2,9 @@
 
 Each factory returns ``f(schedule, t) -> Tensor[B]`` for t of shape [B]. t is kept inside the
 schedule's [t_min, t_max], where λ_t and λ'_t are finite, so f is always finite.
+
+``normalized`` divides f by its mean E_t f(t) under the schedule's training t-distribution, so
+that E_t f̃(t) = 1 and β means the same for every weighting and every family (docs/objectives.md).
 """
 
 from __future__ import annotations
@@ -44,3 +47,28 @@ WEIGHTINGS: dict[str, Callable[..., Weighting]] = {
     "constant": constant,
     "sigmoid": sigmoid,
 }
+
+
+def mean_weight(weighting: Weighting, schedule: Schedule) -> float:
+    """E_t f(t) = Σ_j p_j f(t_j) over the schedule's training t-distribution (``t_nodes``: exact
+    for the discrete VP timesteps, Gauss–Legendre quadrature for flow's uniform u); a float."""
+    t, p = schedule.t_nodes()
+    return float((p * weighting(schedule, t).double()).sum())
+
+
+def normalized(weighting: Weighting, schedule: Schedule) -> tuple[Weighting, float]:
+    """(f̃, E_t f) with f̃(t) = f(t) / E_t f(t), so E_t f̃(t) = 1 under ``schedule``'s training
+    t-distribution. E_t f is computed once, here; f̃ is meant for this schedule only; [B] -> [B]."""
+    mean = mean_weight(weighting, schedule)
+
+    def f(sched: Schedule, t: Tensor) -> Tensor:
+        return weighting(sched, t) / mean
+
+    return f, mean
+
+
+def build(name: str, schedule: Schedule, normalize: bool, **kwargs: float) -> tuple[Weighting, float]:
+    """The weighting ``WEIGHTINGS[name](**kwargs)`` for ``schedule``, divided by its mean if
+    ``normalize`` (else the paper's f), and its mean E_t f under the schedule (before division)."""
+    f = WEIGHTINGS[name](**kwargs)
+    return normalized(f, schedule) if normalize else (f, mean_weight(f, schedule))

@@ -38,6 +38,7 @@ from capo.pipeline.train import (
     trained_state_dict,
 )
 from capo.pipeline.trainset import PairSet
+from capo.weighting import mean_weight, sigmoid
 
 N_PROMPTS, N_SAMPLES = 5, 4
 #: per prompt: X+ = samples {0, 1} (R_ca 0.9, 0.7), X- = {3} (R_ca 0.2); the last prompt has no X+
@@ -206,6 +207,20 @@ def test_full_finetuning_writes_the_denoiser_and_logs_to_tensorboard(tmp_path, b
     assert all(torch.equal(v, tuned[k]) for k, v in base.denoiser.state_dict().items())
     assert list((run.root / "logs").rglob("events.out.tfevents.*"))
     assert (run.model_dir / "train_summary.json").is_file()
+    # sigmoid b = 1.5 on the shapes VP (SDXL) schedule: E_t f = 6.869 over the 1000 timesteps
+    assert summary["normalize_weighting"] is True and summary["weight_mean"] == pytest.approx(6.869, abs=1e-3)
+
+
+def test_weighting_is_built_once_and_normalised_unless_asked_not_to(run):
+    t = torch.tensor([0.1, 0.5, 0.9])
+    norm, paper = setup(config(run)), setup(config(run, normalize_weighting=False))
+    sched = norm.adapter.schedule
+    assert norm.weight_mean == paper.weight_mean == pytest.approx(mean_weight(sigmoid(1.5), sched))
+    torch.testing.assert_close(paper.weighting(sched, t), sigmoid(1.5)(sched, t))
+    torch.testing.assert_close(norm.weighting(sched, t), sigmoid(1.5)(sched, t) / norm.weight_mean)
+    const = setup(config(run, weighting="constant"))
+    assert const.weight_mean == pytest.approx(1.0, abs=1e-12)
+    assert const.weighting(sched, t).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-12)
 
 
 def test_cli_reads_the_yaml_section_and_flags(tmp_path, base_model):

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from capo.pipeline.train import Trainer
 
 #: config keys a resumed run must share with its checkpoint (they define the trajectory)
-TRAJECTORY_KEYS = ("objective", "weighting", "sigmoid_bias", "beta", "lora", "lora_rank", "lora_alpha",
-                   "lora_init", "learning_rate", "weight_decay", "adam_epsilon", "warmup_steps",
-                   "lr_schedule", "batch_size", "seed", "share_noise", "t_min", "t_max")
+TRAJECTORY_KEYS = ("objective", "weighting", "sigmoid_bias", "normalize_weighting", "beta", "lora",
+                   "lora_rank", "lora_alpha", "lora_init", "learning_rate", "weight_decay", "adam_epsilon",
+                   "warmup_steps", "lr_schedule", "batch_size", "seed", "share_noise", "t_min", "t_max")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 LORA_STATE = "lora.safetensors"
 

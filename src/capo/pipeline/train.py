@@ -38,7 +38,8 @@ from capo.pipeline.generate import load_base
 from capo.pipeline.preference import REFERENCES, Reference, preference_step
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.trainset import PairSet
-from capo.weighting import WEIGHTINGS
+from capo.weighting import WEIGHTINGS, Weighting
+from capo.weighting import build as build_weighting
 
 #: our names -> diffusers.optimization schedule names (each with linear warm-up)
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
@@ -60,6 +61,9 @@ class TrainConfig:
     objective: str = doc("preference objective: dpo | ipo | capo", "capo")
     weighting: str = doc("loss weighting f(t): constant | sigmoid", "sigmoid")
     sigmoid_bias: float = doc("bias b of the sigmoid weighting w(lambda) = sigmoid(-lambda + b)", 1.5)
+    normalize_weighting: bool = doc("divide f(t) by its mean E_t f under the model's training t "
+                                    "(so beta means the same for every weighting and family; "
+                                    "false: the paper's f, docs/objectives.md)", True)
     beta: float = doc("beta, the scale of the implicit reward difference", 1000.0)
     lora: bool = doc("train LoRA adapters (false: fine-tune the full denoiser)", True)
     lora_rank: int = doc("LoRA rank r", 8)
@@ -115,6 +119,8 @@ class Trainer:
     scheduler: Any
     data: PairSet
     params: list[nn.Parameter]
+    weighting: Weighting  # f(t), divided by weight_mean when config.normalize_weighting
+    weight_mean: float  # E_t f(t) of the un-normalised f under the training t-distribution
 
 
 def setup(config: TrainConfig) -> Trainer:
@@ -135,6 +141,10 @@ def setup(config: TrainConfig) -> Trainer:
                         load_text_encoders=False, load_vae=False)
     adapter.schedule.t_min = config.t_min if config.t_min is not None else adapter.schedule.t_min
     adapter.schedule.t_max = config.t_max if config.t_max is not None else adapter.schedule.t_max
+    weighting, weight_mean = build_weighting(config.weighting, adapter.schedule, config.normalize_weighting,
+                                             **WEIGHTING_ARGS[config.weighting](config))
+    acc.print(f"train: weighting {config.weighting}: E_t f(t) = {weight_mean:.6g} under the training t; "
+              + ("f is divided by it" if config.normalize_weighting else "not normalised (paper form)"))
     denoiser = adapter.denoiser.requires_grad_(not config.lora)
     torch.manual_seed(config.seed)  # the LoRA init, identical on every process
     if config.lora:
@@ -155,7 +165,8 @@ def setup(config: TrainConfig) -> Trainer:
         register_lora_hooks(acc)  # checkpoints hold the adapters, not the frozen base
     policy, optimizer, scheduler = acc.prepare(denoiser, optimizer, scheduler)
     params = [p for p in policy.parameters() if p.requires_grad]  # FSDP replaces the parameters
-    return Trainer(config, run, acc, adapter, policy, reference, optimizer, scheduler, data, params)
+    return Trainer(config, run, acc, adapter, policy, reference, optimizer, scheduler, data, params,
+                   weighting, weight_mean)
 
 
 def optimizer_step(tr: Trainer, step: int) -> dict[str, float]:
@@ -164,12 +175,11 @@ def optimizer_step(tr: Trainer, step: int) -> dict[str, float]:
     cfg, acc = tr.config, tr.accelerator
     local = tr.data.batch(cfg.seed, step, cfg.batch_size, acc.process_index, acc.num_processes,
                           tr.adapter.schedule.sample_t, cfg.share_noise).to(acc.device)
-    weighting = WEIGHTINGS[cfg.weighting](**WEIGHTING_ARGS[cfg.weighting](cfg))
     totals: dict[str, torch.Tensor] = {}
     for m, micro in enumerate(local.split(cfg.grad_accum)):
         with nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(tr.policy):
             with acc.autocast():
-                loss, metrics = preference_step(tr.adapter, tr.policy, tr.reference, micro, weighting,
+                loss, metrics = preference_step(tr.adapter, tr.policy, tr.reference, micro, tr.weighting,
                                                 LOSSES[cfg.objective], cfg.beta)
             acc.backward(loss.mean() / cfg.grad_accum)  # the mean over pairs, never a loss of a mean
         totals = {k: totals.get(k, 0) + v / cfg.grad_accum for k, v in metrics.items()}
@@ -224,6 +234,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     bar.close()
     summary = {"steps": config.max_steps, "resumed_from": start, "processes": acc.num_processes,
                "seconds": round(time.time() - began, 3), "last_metrics": metrics,
+               "weight_mean": tr.weight_mean, "normalize_weighting": config.normalize_weighting,
                "config": dataclasses.asdict(config)}
     save_model(tr, summary)
     for tracker in acc.trackers:  # not end_training(): it ends the process group `capo run` goes on with
