@@ -10,6 +10,8 @@ Layout under ``RUN``::
     rewards/NAME.parquet                prompt_id, sample_idx, raw (+ bt_scale/transform metadata)
     calibrated.parquet                  prompt_id, sample_idx, one column per reward, ensemble
     pairs.parquet                       prompt_id, positives, negatives, pos_rca, neg_rca, rule
+    trainset/                           the pairs' latents and embeddings as memory-mapped Arrow
+                                        IPC (written by the first train, capo.pipeline.pairstore)
     model/                              final tuned weights (train)
     eval/                               results.json, results.md, grid.png
 

@@ -37,7 +37,7 @@ from capo.pipeline.checkpoint import register_lora_hooks, resume, save_checkpoin
 from capo.pipeline.generate import load_base
 from capo.pipeline.preference import REFERENCES, Reference, preference_step
 from capo.pipeline.rundir import RunDir
-from capo.pipeline.trainset import PairSet
+from capo.pipeline.trainset import PairBatch, PairSet, StepBatches, pair_loader
 from capo.weighting import WEIGHTINGS, Weighting
 from capo.weighting import build as build_weighting
 
@@ -88,6 +88,8 @@ class TrainConfig:
     t_max: float | None = doc("override the largest training t of the schedule", None)
     log_with: str = doc("metrics tracker: tensorboard | wandb | none", "tensorboard")
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
+    loader_workers: int = doc("DataLoader processes assembling the pairs (0: the training process)", 2)
+    loader_prefetch: int = doc("batches each loader worker keeps ready", 2)
 
     def validate(self) -> None:
         tables = {"objective": LOSSES, "weighting": WEIGHTINGS, "lr_schedule": LR_SCHEDULES,
@@ -101,6 +103,8 @@ class TrainConfig:
             raise CapoError("train: max_steps, batch_size, grad_accum and lora_rank must be >= 1")
         if min(self.seed, self.checkpoint_every, self.keep_checkpoints, self.warmup_steps) < 0:
             raise CapoError("train: seed, checkpoint_every, keep_checkpoints and warmup_steps must be >= 0")
+        if self.loader_workers < 0 or self.loader_prefetch < 1:
+            raise CapoError("train: loader_workers must be >= 0 and loader_prefetch >= 1")
         if self.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
             raise CapoError("train: log_with 'wandb' but wandb is not installed")
 
@@ -136,7 +140,8 @@ def setup(config: TrainConfig) -> Trainer:
     if config.batch_size % (acc.num_processes * config.grad_accum):
         raise CapoError(f"train: batch_size {config.batch_size} does not split into {acc.num_processes} "
                         f"processes x {config.grad_accum} micro-batches")
-    data = PairSet.from_run(run)
+    with acc.main_process_first():  # the main process builds RUN/trainset/ if missing, the others open it
+        data = PairSet.from_run(run)
     adapter = load_base(run.read_base_model(), acc.device, WEIGHT_DTYPES[precision if config.lora else "no"],
                         load_text_encoders=False, load_vae=False)
     adapter.schedule.t_min = config.t_min if config.t_min is not None else adapter.schedule.t_min
@@ -169,12 +174,19 @@ def setup(config: TrainConfig) -> Trainer:
                    weighting, weight_mean)
 
 
-def optimizer_step(tr: Trainer, step: int) -> dict[str, float]:
-    """One optimizer step on global batch ``step``: this rank's pairs in grad_accum micro-batches;
-    DDP averages gradients over ranks. Returns metrics averaged over all pairs of the step."""
+def step_batches(tr: Trainer) -> StepBatches:
+    """This rank's share of every global batch (the pair stream of ``cfg.seed``)."""
     cfg, acc = tr.config, tr.accelerator
-    local = tr.data.batch(cfg.seed, step, cfg.batch_size, acc.process_index, acc.num_processes,
-                          tr.adapter.schedule.sample_t, cfg.share_noise).to(acc.device)
+    return StepBatches(tr.data, cfg.seed, cfg.batch_size, acc.process_index, acc.num_processes,
+                       tr.adapter.schedule.sample_t, cfg.share_noise)
+
+
+def optimizer_step(tr: Trainer, step: int, batch: PairBatch | None = None) -> dict[str, float]:
+    """One optimizer step on global batch ``step``: this rank's pairs (``batch``, else drawn here)
+    in grad_accum micro-batches; DDP averages gradients over ranks. Returns metrics averaged over
+    all pairs of the step."""
+    cfg, acc = tr.config, tr.accelerator
+    local = (batch if batch is not None else step_batches(tr)[step]).to(acc.device)
     totals: dict[str, torch.Tensor] = {}
     for m, micro in enumerate(local.split(cfg.grad_accum)):
         with nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(tr.policy):
@@ -224,8 +236,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                             if v is not None})
     metrics: dict[str, float] = {}
     bar = tqdm(total=config.max_steps, initial=start, desc="train", disable=not acc.is_local_main_process)
-    for step in range(start, config.max_steps):
-        metrics = optimizer_step(tr, step)
+    steps = range(start, config.max_steps)
+    loader = pair_loader(step_batches(tr), steps, config.loader_workers, config.loader_prefetch,
+                         pin_memory=acc.device.type == "cuda")
+    for step, batch in zip(steps, loader, strict=True):
+        metrics = optimizer_step(tr, step, batch)
         acc.log(metrics, step=step + 1)
         bar.update()
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['implicit_acc']:.2f}")

@@ -1,7 +1,9 @@
 """The training pair stream over a run directory (DESIGN §1, §2 "Preference objectives").
 
-Everything is preloaded (cached latents and text embeddings; the denoiser is the only model
-training needs), so drawing a batch is tensor indexing and never waits on disk.
+Nothing per sample is preloaded: the pairs' cached latents and the prompts' text embeddings are
+read per batch from the run's training store (memory-mapped Arrow IPC, ``capo.pipeline.pairstore``;
+the denoiser is the only model training needs), and a ``torch.utils.data.DataLoader`` over steps
+(``StepBatches``, ``pair_loader``) assembles batches ahead in worker processes.
 
 The stream is a pure function of (seed, step): global pair position g = step * G + i (G pairs per
 optimizer step) visits prompt ``perm_epoch[g mod P]`` of epoch ``g // P``; that visit draws
@@ -17,9 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from capo.errors import CapoError
+from capo.pipeline import pairstore
+from capo.pipeline.pairstore import TensorColumn
 from capo.pipeline.rundir import RunDir
 
 #: stream tags keeping the prompt order, the X+/X- picks and the noise independent
@@ -56,23 +63,45 @@ class PairBatch:
     def to(self, device: torch.device | str) -> PairBatch:
         return self.apply(lambda x: x.to(device, non_blocking=True))
 
+    def pin_memory(self) -> PairBatch:
+        """Page-locked copies (DataLoader's ``pin_memory`` calls this), for asynchronous copies to CUDA."""
+        return self.apply(lambda x: x.pin_memory())
+
     def split(self, parts: int) -> list[PairBatch]:
         """``parts`` equal consecutive micro-batches (gradient accumulation)."""
         size = len(self) // parts
         return [self.apply(lambda x, i=i: x[i * size:(i + 1) * size]) for i in range(parts)]
 
 
-class PairSet:
-    """Prompts with a non-empty X+ and X-, their latents [M, C, H, W] and embeddings [P, ...]."""
+@dataclass(frozen=True)
+class Side:
+    """X+ (or X-) of every prompt, flat: prompt p's samples are the latent rows
+    ``rows[offsets[p]:offsets[p + 1]]`` of the store, with their R_ca in ``rca``."""
 
-    def __init__(self, prompt_ids: list[str], latents: torch.Tensor, emb: dict[str, torch.Tensor],
-                 positives: list[list[int]], negatives: list[list[int]],
-                 pos_rca: list[list[float]], neg_rca: list[list[float]]):
+    rows: np.ndarray
+    rca: np.ndarray
+    offsets: np.ndarray
+
+    def size(self, p: int) -> int:
+        return int(self.offsets[p + 1] - self.offsets[p])
+
+    def at(self, p: int, i: int) -> tuple[int, float]:
+        """(latent row, R_ca) of prompt p's i-th sample."""
+        k = self.offsets[p] + i
+        return int(self.rows[k]), float(self.rca[k])
+
+
+class PairSet:
+    """Prompts with a non-empty X+ and X-; their latents [M, C, H, W] and embeddings [P', ...] are
+    memory-mapped columns of the run's training store (``capo.pipeline.pairstore``), read per batch;
+    ``emb_rows[p]`` is prompt p's embedding row."""
+
+    def __init__(self, prompt_ids: list[str], latents: TensorColumn, emb: dict[str, TensorColumn],
+                 emb_rows: np.ndarray, positives: Side, negatives: Side):
         if not prompt_ids:
             raise CapoError("no prompt has both a positive and a negative sample; nothing to train on")
-        self.prompt_ids, self.latents, self.emb = prompt_ids, latents, emb
+        self.prompt_ids, self.latents, self.emb, self.emb_rows = prompt_ids, latents, emb, emb_rows
         self.positives, self.negatives = positives, negatives
-        self.pos_rca, self.neg_rca = pos_rca, neg_rca
         self._perm: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -80,21 +109,27 @@ class PairSet:
 
     @classmethod
     def from_run(cls, run: RunDir) -> PairSet:
-        """Read pairs.parquet, then only the latents and embeddings the pairs use."""
-        rows = run.read_pairs().to_pydict()
-        keep = _usable_rows(rows, str(run.pairs_path))
-        if not keep:
+        """Read pairs.parquet, then open (on first use: build) the store of the latents and
+        embeddings the pairs use; nothing per sample is loaded into memory."""
+        table = run.read_pairs()
+        lengths = {c: pc.list_value_length(table.column(c)).fill_null(0).to_numpy()
+                   for c in ("positives", "negatives", "pos_rca", "neg_rca")}
+        keep = _usable_rows(lengths, str(run.pairs_path))
+        if not keep.size:
             raise CapoError("no prompt has both a positive and a negative sample", path=str(run.pairs_path))
-        pids = [rows["prompt_id"][r] for r in keep]
-        keys = sorted({(rows["prompt_id"][r], i) for r in keep
-                       for i in rows["positives"][r] + rows["negatives"][r]})
-        row_of = {k: m for m, k in enumerate(keys)}
-        latents = run.read_latents(keys)
-        index = {s: [[row_of[(rows["prompt_id"][r], i)] for i in rows[s][r]] for r in keep]
-                 for s in ("positives", "negatives")}
-        return cls(pids, torch.stack([latents[k] for k in keys]), _stack_embeddings(run, pids),
-                   index["positives"], index["negatives"],
-                   [rows["pos_rca"][r] for r in keep], [rows["neg_rca"][r] for r in keep])
+        kept = table.take(pa.array(keep)).combine_chunks()
+        pids = kept.column("prompt_id").chunk(0)
+        flat = {c: pc.list_flatten(kept.column(c).chunk(0)).to_numpy() for c in lengths}
+        code = pairstore.codes(pids, pids)
+        keys = {s: pairstore.key(code[pc.list_parent_indices(kept.column(s).chunk(0)).to_numpy()], flat[s])
+                for s in ("positives", "negatives")}
+        wanted = np.unique(np.concatenate([keys["positives"], keys["negatives"]]))
+        row_keys, latents, emb_rows, emb = pairstore.load(run, pids, wanted)
+        order = np.argsort(row_keys)
+        sides = [Side(_rows_of(keys[s], row_keys, order, run), flat[rca],
+                      np.concatenate([[0], np.cumsum(lengths[s][keep])]))
+                 for s, rca in (("positives", "pos_rca"), ("negatives", "neg_rca"))]
+        return cls(pids.to_pylist(), latents, emb, emb_rows, *sides)
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
         """Prompt order of one epoch, a permutation seeded by (seed, epoch)."""
@@ -108,8 +143,9 @@ class PairSet:
         epoch, k = divmod(position, len(self))
         p = int(self.order(seed, epoch)[k])
         rng = np.random.default_rng(stream_seed(seed, PICK, epoch, p))
-        i, j = rng.integers(len(self.positives[p])), rng.integers(len(self.negatives[p]))
-        return p, self.positives[p][i], self.negatives[p][j], self.pos_rca[p][i] - self.neg_rca[p][j]
+        i, j = rng.integers(self.positives.size(p)), rng.integers(self.negatives.size(p))
+        (pos, pos_rca), (neg, neg_rca) = self.positives.at(p, int(i)), self.negatives.at(p, int(j))
+        return p, pos, neg, pos_rca - neg_rca
 
     def batch(self, seed: int, step: int, global_batch: int, rank: int, world: int,
               sample_t: Callable[..., torch.Tensor], share_noise: bool = False) -> PairBatch:
@@ -123,8 +159,36 @@ class PairSet:
         return PairBatch(
             x_pos=self.latents[pos].float(), x_neg=self.latents[neg].float(), eps_pos=eps_pos,
             eps_neg=eps_neg, t=t, delta_rca=torch.tensor(drca, dtype=torch.float32),
-            emb={k: v[prompts] for k, v in self.emb.items()},
+            emb={k: v[self.emb_rows[prompts]] for k, v in self.emb.items()},
         )
+
+
+class StepBatches(Dataset):
+    """Map-style dataset over optimizer steps: item ``step`` is this rank's ``PairSet.batch`` of
+    global batch ``step``, so a DataLoader over any range of steps, with any number of workers,
+    yields the pair stream of ``PairSet.batch`` unchanged."""
+
+    def __init__(self, data: PairSet, seed: int, global_batch: int, rank: int, world: int,
+                 sample_t: Callable[..., torch.Tensor], share_noise: bool = False):
+        self.data, self.seed, self.global_batch, self.rank, self.world = data, seed, global_batch, rank, world
+        self.sample_t, self.share_noise = sample_t, share_noise
+
+    def __getitem__(self, step: int) -> PairBatch:
+        return self.data.batch(self.seed, step, self.global_batch, self.rank, self.world, self.sample_t,
+                               self.share_noise)
+
+
+def pair_loader(batches: StepBatches, steps: range, workers: int, prefetch: int,
+                pin_memory: bool) -> DataLoader:
+    """Batches of ``steps`` in order: ``workers`` processes (0: this one) each keep ``prefetch``
+    batches ready; ``pin_memory`` page-locks them (for CUDA)."""
+    return DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers,
+                      prefetch_factor=prefetch if workers else None, pin_memory=pin_memory,
+                      collate_fn=_as_is, generator=torch.Generator())  # leaves the global RNG alone
+
+
+def _as_is(batch: PairBatch) -> PairBatch:
+    return batch
 
 
 def _noise(seed: int, step: int, pairs: Sequence[int], shape: torch.Size,
@@ -141,22 +205,21 @@ def _noise(seed: int, step: int, pairs: Sequence[int], shape: torch.Size,
     return torch.cat(ts), torch.stack(pos), torch.stack(neg)
 
 
-def _usable_rows(rows: dict[str, list], path: str) -> list[int]:
+def _usable_rows(lengths: dict[str, np.ndarray], path: str) -> np.ndarray:
     """Rows of pairs.parquet with a non-empty X+ and X-; lists and their R_ca must match in length."""
-    for r in range(len(rows["prompt_id"])):
-        for idx, rca in (("positives", "pos_rca"), ("negatives", "neg_rca")):
-            if len(rows[idx][r]) != len(rows[rca][r]):
-                raise CapoError(f"'{idx}' and '{rca}' differ in length", path=path, row=r)
-    return [r for r in range(len(rows["prompt_id"])) if rows["positives"][r] and rows["negatives"][r]]
+    wrong_pos = lengths["positives"] != lengths["pos_rca"]
+    wrong_neg = lengths["negatives"] != lengths["neg_rca"]
+    bad = np.flatnonzero(wrong_pos | wrong_neg)
+    if bad.size:
+        idx, rca = ("positives", "pos_rca") if wrong_pos[bad[0]] else ("negatives", "neg_rca")
+        raise CapoError(f"'{idx}' and '{rca}' differ in length", path=path, row=int(bad[0]))
+    return np.flatnonzero((lengths["positives"] > 0) & (lengths["negatives"] > 0))
 
 
-def _stack_embeddings(run: RunDir, prompt_ids: list[str]) -> dict[str, torch.Tensor]:
-    """prompt order -> batch-first embedding tensors [P, ...]; all prompts must share keys/shapes."""
-    per_prompt = run.read_embeddings(prompt_ids)
-    first = per_prompt[prompt_ids[0]]
-    for pid in prompt_ids:
-        got = per_prompt[pid]
-        if got.keys() != first.keys() or any(got[k].shape != first[k].shape for k in first):
-            raise CapoError(f"embeddings of prompt {pid} differ in keys or shapes from {prompt_ids[0]}",
-                            path=str(run.embeddings_dir))
-    return {k: torch.stack([per_prompt[pid][k] for pid in prompt_ids]) for k in first}
+def _rows_of(keys: np.ndarray, row_keys: np.ndarray, order: np.ndarray, run: RunDir) -> np.ndarray:
+    """The store row of each latent key (``order`` sorts ``row_keys``)."""
+    at = order[np.minimum(np.searchsorted(row_keys, keys, sorter=order), len(order) - 1)]
+    if not np.array_equal(row_keys[at], keys):
+        raise CapoError("the training store lacks a latent named in pairs.parquet; remove it to rebuild",
+                        path=str(run.root / pairstore.STORE_DIR))
+    return at
