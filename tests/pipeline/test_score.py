@@ -75,7 +75,7 @@ def test_scores_and_metadata(tmp_path):
 
 def test_resume_skips_finished_parts(tmp_path):
     run = make_run(tmp_path)
-    part = score_shard(Red(), "test-red", run.sample_shards()[1], {p: p for p in COLORS})
+    part = score_shard(Red(), run.sample_shards()[1], {p: p for p in COLORS})
     sentinel = part.set_column(2, "raw", pa.array([7.0, 7.0], pa.float32()))
     write_table_atomic(sentinel, run.rewards_dir / "test-red.parts" / shard_name(0, 1))
     assert score(run, ScoreConfig(reward=["test-red"])) == {"test-red": 4}

@@ -36,7 +36,7 @@ from capo.models.base import DiffusionAdapter
 from capo.pipeline.generate import DTYPES, load_base, resolve_device, sample_seed
 from capo.pipeline.prompts import Prompt, load_prompts, subset
 from capo.pipeline.rundir import RunDir, write_text_atomic
-from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, check_reward_options, load_scorer, score_images
+from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, check_reward_options, load_scorer
 from capo.rewards.base import RewardModel
 
 
@@ -153,7 +153,7 @@ class Evaluation:
         images = [im for group in groups.values() for im in group]
         out: dict[str, dict[str, np.ndarray]] = {g: {} for g in groups}
         for name in self.names:
-            raw = score_images(self.reward(name), name, images, texts, labels)
+            raw = self.reward(name).score(images, texts, labels)
             for g, part in zip(groups, np.split(raw, len(groups)), strict=True):
                 out[g][name] = part
             if not self.keep_rewards:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -82,32 +80,13 @@ def check_complete(run: RunDir) -> dict[int, Path]:
     return shards
 
 
-def score_images(reward: RewardModel, name: str, images: Sequence[Image.Image], texts: Sequence[str],
-                 labels: Sequence[str], path: str | None = None) -> np.ndarray:
-    """Raw scores float32 [M] in the reward's batches; a non-finite score is an error naming
-    ``labels[i]`` (e.g. "prompt P sample 3") of its image."""
-    raw = np.empty(len(images), dtype=np.float32)
-    for b in range(0, len(images), reward.batch_size):
-        rows = range(b, min(b + reward.batch_size, len(images)))
-        out = np.asarray(reward.score_batch(images[rows.start : rows.stop], texts[rows.start : rows.stop]),
-                         dtype=np.float32).reshape(-1)
-        if out.shape != (len(rows),):
-            raise CapoError(f"reward '{name}' returned {out.size} scores for {len(rows)} images")
-        bad = np.flatnonzero(~np.isfinite(out))
-        if bad.size:
-            where = labels[rows[int(bad[0])]]
-            raise CapoError(f"reward '{name}' returned {out[bad[0]]} for {where}", path=path)
-        raw[rows.start : rows.stop] = out
-    return raw
-
-
-def score_shard(reward: RewardModel, name: str, shard: Path, prompts: dict[str, str]) -> pa.Table:
+def score_shard(reward: RewardModel, shard: Path, prompts: dict[str, str]) -> pa.Table:
     """Raw scores of one samples shard as a table with the reward's metadata."""
     t = pq.read_table(shard, columns=["prompt_id", "sample_idx", "image"]).to_pydict()
     ids, idxs = t["prompt_id"], t["sample_idx"]
     images = [Image.open(io.BytesIO(im["bytes"])).convert("RGB") for im in t["image"]]
     labels = [f"prompt {i} sample {s}" for i, s in zip(ids, idxs, strict=True)]
-    raw = score_images(reward, name, images, [prompts[i] for i in ids], labels, str(shard))
+    raw = reward.score(images, [prompts[i] for i in ids], labels, str(shard))
     meta = {META_KEY: json.dumps(reward_meta(reward)).encode()}
     schema = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("raw", pa.float32())],
                        metadata=meta)
@@ -161,7 +140,7 @@ def score(run: RunDir, cfg: ScoreConfig) -> dict[str, int]:
         todo = [c for c in mine if c not in shard_files(parts_dir)]
         reward = load_scorer(name, cfg) if todo else None
         for c in tqdm(todo, desc=f"score {name}", unit="chunk", disable=not state.is_local_main_process):
-            table = score_shard(reward, name, shards[c], prompts)
+            table = score_shard(reward, shards[c], prompts)
             write_table_atomic(table, parts_dir / shard_name(state.process_index, c))
             counts[name] += table.num_rows
         del reward

@@ -37,22 +37,27 @@ class RewardModel(abc.ABC):
     def score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """Raw scores of one batch, float32 [B]."""
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
-        """Raw scores, float32 [B], computed in batches of ``batch_size``; NaN/inf are errors."""
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str],
+              labels: Sequence[str] | None = None, path: str | None = None) -> np.ndarray:
+        """Raw scores float32 [M] in batches of ``batch_size``: the one scoring path of capo. A batch
+        of the wrong size or a non-finite score is a CapoError naming the image (``labels[i]``,
+        e.g. "prompt P sample 3"; default "item i") and the file ``path`` it came from."""
+        who = f"reward '{self.name}'"
         if len(images) != len(prompts):
-            raise CapoError(f"reward {self.name}: {len(images)} images but {len(prompts)} prompts")
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            s = np.asarray(
-                self.score_batch(images[i : i + self.batch_size], prompts[i : i + self.batch_size]),
-                dtype=np.float32,
-            ).reshape(-1)
-            out.append(s)
-        scores = np.concatenate(out) if out else np.zeros(0, np.float32)
-        bad = np.flatnonzero(~np.isfinite(scores))
-        if bad.size:
-            raise CapoError(f"reward {self.name} returned {scores[bad[0]]} for item {int(bad[0])}")
-        return scores
+            raise CapoError(f"{who}: {len(images)} images but {len(prompts)} prompts", path=path)
+        raw = np.empty(len(images), dtype=np.float32)
+        for b in range(0, len(images), self.batch_size):
+            rows = slice(b, min(b + self.batch_size, len(images)))
+            out = np.asarray(self.score_batch(images[rows], prompts[rows]), dtype=np.float32).reshape(-1)
+            if out.shape != (rows.stop - b,):
+                raise CapoError(f"{who} returned {out.size} scores for {rows.stop - b} images", path=path)
+            bad = np.flatnonzero(~np.isfinite(out))
+            if bad.size:
+                i = b + int(bad[0])
+                where = labels[i] if labels is not None else f"item {i}"
+                raise CapoError(f"{who} returned {out[bad[0]]} for {where}", path=path)
+            raw[rows] = out
+        return raw
 
 
 RewardFactory = Callable[..., RewardModel]
