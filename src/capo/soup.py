@@ -1,7 +1,8 @@
 """Model soups: merge k models fine-tuned from one base θ₀ (paper Sec. 5.2, DESIGN §2).
 
-Task vectors τ_i = θ_i − θ₀ are merged per tensor, linearly (θ₀ + Σ w_i τ_i) or by slerp folded
-pairwise. LoRA adapters are first turned into dense deltas ΔW = s · B A, which are their task
+Task vectors τ_i = θ_i − θ₀ are merged per tensor by ``merge_task_vectors``, linearly
+(θ₀ + Σ w_i τ_i) or by a weighted spherical mean (slerp for two models, order-independent for
+any k). LoRA adapters are first turned into dense deltas ΔW = s · B A, which are their task
 vectors. Merging is done one tensor at a time in at least float32, and cast back to the base dtype.
 """
 
@@ -80,18 +81,51 @@ def combine_linear(taus: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 
 
 def combine_slerp(taus: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """Pairwise slerp fold: m = τ_1; m = slerp(m, τ_i, w_i / (w_1 + … + w_i)) for i = 2..k.
+    """Weighted spherical mean of k task vectors, Σ_i c_i τ_i: slerp generalised to k models.
 
-    Uniform weights give t_i = 1/i, so each model enters with weight 1/k (exactly so when the
-    task vectors are parallel; for k ≥ 3 at wide angles the fold depends on the order).
+    With w_i the weights normalised to sum 1 and û_i = τ_i / |τ_i| the directions, q is their
+    weighted spherical (Karcher) mean on the unit sphere, the fixed point of
+        q = Σ_i w_i (θ_i / sin θ_i) û_i / Σ_j w_j θ_j cot θ_j,   θ_i = ∠(q, û_i)
+    (Buss & Fillmore 2001, the zero of Σ_i w_i log_q(û_i)); the merged task vector takes q's
+    coefficients onto the raw vectors: c_i = w_i (θ_i / sin θ_i) / Σ_j w_j θ_j cot θ_j. It is a
+    symmetric function of the pairs (τ_i, w_i), so the order of the models does not matter; for
+    k = 2 it is the closed-form slerp(τ_1, τ_2; t = w_2 / (w_1 + w_2)), since q then lies at angle
+    tΩ from û_1 and c_1 = sin((1 − t)Ω)/sin Ω. Parallel vectors give c_i = w_i (linear). A zero
+    task vector, directions with no unique mean (opposite ones) or no convergence fall back to the
+    normalised linear merge Σ_i w_i τ_i, as ``slerp`` does for two. Scalars in float64 on the
+    k x k Gram matrix of the directions.
     """
     if any(w <= 0 for w in weights):
         raise CapoError(f"slerp merge: weights must be > 0, got {list(weights)}")
-    merged, total = taus[0], weights[0]
-    for tau, w in zip(taus[1:], weights[1:], strict=True):
-        total += w
-        merged = slerp(merged, tau, w / total)
-    return merged
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    flat = torch.stack([tau.reshape(-1).to(torch.float64) for tau in taus])
+    norms = flat.norm(dim=1)
+    c = w
+    if bool((norms > 0).all()):
+        unit = flat / norms[:, None]
+        c = _spherical_mean_coefficients(unit @ unit.T, w)
+    return sum((float(ci) * tau for ci, tau in zip(c, taus, strict=True)), torch.zeros_like(taus[0]))
+
+
+def _spherical_mean_coefficients(gram: Tensor, w: Tensor, steps: int = 200) -> Tensor:
+    """c [k] of ``combine_slerp`` from the Gram matrix [k, k] of unit vectors and weights w [k]
+    (sum 1); w itself when the mean is not unique. q = Σ a_i û_i is kept as coefficients a [k];
+    each step moves q along the Karcher gradient v = Σ_i w_i log_q(û_i) by exp_q(v)."""
+    a = w / (w @ gram @ w).clamp_min(0).sqrt()
+    if not torch.isfinite(a).all():
+        return w
+    for _ in range(steps):
+        theta = torch.arccos((gram @ a).clamp(-1.0, 1.0))  # θ_i = ∠(q, û_i)
+        if bool((torch.sin(theta) < _PARALLEL).logical_and(theta > 1.0).any()):
+            return w  # an opposite direction: no unique mean
+        ratio = torch.where(torch.sin(theta) < _PARALLEL, torch.ones_like(theta), theta / torch.sin(theta))
+        v = w * ratio - (w * ratio * torch.cos(theta)).sum() * a  # Σ w_i θ_i/sin θ_i (û_i − cos θ_i q)
+        size = (v @ gram @ v).clamp_min(0).sqrt()
+        if size < 1e-11:
+            return w * ratio / (w * ratio * torch.cos(theta)).sum()
+        a = torch.cos(size) * a + torch.sin(size) / size * v
+        a = a / (a @ gram @ a).sqrt()  # back onto the sphere against rounding
+    return w
 
 
 COMBINES: dict[str, Callable[[Sequence[Tensor], Sequence[float]], Tensor]] = {
@@ -100,39 +134,30 @@ COMBINES: dict[str, Callable[[Sequence[Tensor], Sequence[float]], Tensor]] = {
 }
 
 
-def _merge(base: StateDict, state_dicts: Sequence[StateDict], weights: Sequence[float] | None,
-           combine: Callable[[Sequence[Tensor], Sequence[float]], Tensor]) -> dict[str, Tensor]:
-    """θ₀ + combine(τ_1..τ_k) per floating tensor, one tensor at a time (low memory)."""
-    w = _weights(len(state_dicts), weights)
-    for i, sd in enumerate(state_dicts):
-        _check_like(base, sd, f"model {i}")
-    merged = {}
-    for key, theta0 in base.items():
-        if not theta0.is_floating_point():
-            merged[key] = theta0.clone()
-            continue
+def merge_task_vectors(base: StateDict, taus: Sequence[StateDict], method: str = "linear",
+                       weights: Sequence[float] | None = None) -> dict[str, Tensor]:
+    """The model soup θ = θ₀ + COMBINES[method](τ_1..τ_k), per tensor (Sec. 5.2).
+
+    τ_i maps base weight names to task vectors (θ_i − θ₀ from ``task_vectors``, or a LoRA's
+    dense deltas from ``lora_delta``); a tensor a model leaves alone has τ_i = 0. Uniform
+    weights 1/k by default. One tensor at a time in at least float32, cast back to the base dtype;
+    non-float tensors are the base's.
+    """
+    if method not in COMBINES:
+        raise CapoError(f"merge: unknown method '{method}'; known: {sorted(COMBINES)}")
+    combine, w = COMBINES[method], _weights(len(taus), weights)
+    for i, delta in enumerate(taus):
+        for key, value in delta.items():
+            if key not in base or base[key].shape != value.shape:
+                raise CapoError(f"merge: model {i} key '{key}' {tuple(value.shape)} matches no "
+                                "base tensor (pass task vectors or dense deltas from lora_delta)")
+    merged = {key: value.clone() for key, value in base.items()}
+    for key in sorted(set().union(*taus)):
+        theta0 = base[key]
         dt = _work_dtype(theta0)
-        taus = [sd[key].to(dt) - theta0.to(dt) for sd in state_dicts]
-        merged[key] = (theta0.to(dt) + combine(taus, w)).to(theta0.dtype)
+        per_model = [d[key].to(dt) if key in d else torch.zeros_like(theta0, dtype=dt) for d in taus]
+        merged[key] = (theta0.to(dt) + combine(per_model, w)).to(theta0.dtype)
     return merged
-
-
-def merge_linear(base: StateDict, state_dicts: Sequence[StateDict],
-                 weights: Sequence[float] | None = None) -> dict[str, Tensor]:
-    """θ = θ₀ + Σ_i w_i τ_i, τ_i = θ_i − θ₀ (Sec. 5.2); uniform w_i = 1/k by default."""
-    return _merge(base, state_dicts, weights, combine_linear)
-
-
-def merge_slerp(base: StateDict, state_dicts: Sequence[StateDict],
-                weights: Sequence[float] | None = None) -> dict[str, Tensor]:
-    """θ = θ₀ + slerp-fold(τ_1..τ_k) per tensor (Sec. 5.2, see ``combine_slerp``)."""
-    return _merge(base, state_dicts, weights, combine_slerp)
-
-
-MERGES: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "linear": merge_linear,
-    "slerp": merge_slerp,
-}
 
 
 def _lora_pairs(lora: StateDict, adapter_name: str | None) -> dict[str, dict[str, Tensor]]:
@@ -187,26 +212,3 @@ def lora_delta(lora_state_dict: StateDict, scaling: float | None = None, *,
         deltas[_strip(module, strip_prefixes) + ".weight"] = s * torch.einsum(
             "or,r...->o...", b.flatten(1).to(dt), a.to(dt))
     return deltas
-
-
-def merge_lora_adapters(base: StateDict, adapters: Sequence[StateDict], method: str = "linear",
-                        weights: Sequence[float] | None = None) -> dict[str, Tensor]:
-    """Soup of LoRA fine-tunes: their dense deltas (``lora_delta``) are the task vectors τ_i.
-
-    θ = θ₀ + COMBINES[method](τ_1..τ_k) per tensor; a tensor an adapter leaves alone has τ_i = 0.
-    """
-    if method not in COMBINES:
-        raise CapoError(f"merge: unknown method '{method}'; known: {sorted(COMBINES)}")
-    combine, w = COMBINES[method], _weights(len(adapters), weights)
-    for i, delta in enumerate(adapters):
-        for key, value in delta.items():
-            if key not in base or base[key].shape != value.shape:
-                raise CapoError(f"merge: adapter {i} key '{key}' {tuple(value.shape)} matches no "
-                                "base tensor (pass dense deltas from lora_delta)")
-    merged = {key: value.clone() for key, value in base.items()}
-    for key in sorted(set().union(*adapters)):
-        theta0 = base[key]
-        dt = _work_dtype(theta0)
-        taus = [d[key].to(dt) if key in d else torch.zeros_like(theta0, dtype=dt) for d in adapters]
-        merged[key] = (theta0.to(dt) + combine(taus, w)).to(theta0.dtype)
-    return merged

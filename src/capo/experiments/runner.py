@@ -249,11 +249,11 @@ def write_soup(run: RunDir, members: list[Path], method: str) -> None:
     from safetensors.torch import save_file
 
     from capo.pipeline.generate import load_base
-    from capo.soup import merge_lora_adapters
+    from capo.soup import merge_task_vectors
 
     adapter = load_base(run.read_base_model(), torch.device("cpu"), load_text_encoders=False, load_vae=False)
     base = {k: v.detach().clone() for k, v in adapter.denoiser.state_dict().items()}
-    merged = merge_lora_adapters(base, [task_vector(base, m) for m in members], method)
+    merged = merge_task_vectors(base, [task_vector(base, m) for m in members], method)
     tmp = run.root / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
