@@ -13,6 +13,7 @@ from capo.pairs import (
     draw_pair,
     frontier_sets,
     select,
+    weighted_ensemble,
     weighted_sum,
 )
 
@@ -90,6 +91,16 @@ def test_weighted_sum_by_hand():
     assert [int(a[0]) for a in weighted_sum(R, weights=[0.0, 1.0])[:2]] == [2, 0]
     with pytest.raises(CapoError, match="weights must be 2 finite numbers"):
         weighted_sum(R, weights=[1.0, 2.0, 3.0])
+
+
+def test_weighted_ensemble_by_hand():
+    # One prompt, rewards (A, B) of x0, x1, x2: (0.2, 0.6), (0.8, 0.4), (0.5, 0.5). Weights (3, 1):
+    # (3 · 0.2 + 0.6)/4 = 0.3, (3 · 0.8 + 0.4)/4 = 0.7, (1.5 + 0.5)/4 = 0.5; uniform: 0.4, 0.6, 0.5.
+    R = np.array([[[0.2, 0.6], [0.8, 0.4], [0.5, 0.5]]])
+    np.testing.assert_allclose(weighted_ensemble(R, np.array([3.0, 1.0])), [[0.3, 0.7, 0.5]])
+    np.testing.assert_allclose(weighted_ensemble(R), [[0.4, 0.6, 0.5]])
+    with pytest.raises(CapoError, match="positive sum"):
+        weighted_ensemble(R, np.array([1.0, -1.0]))
 
 
 def test_pair_rules_table_and_options():

@@ -47,13 +47,33 @@ def weighted_sum(
     Returns (pos_idx [P], neg_idx [P], ok [P]) as ``best_worst``.
     """
     R_ca = _check_multi(R_ca)
-    L = R_ca.shape[2]
-    w = np.full(L, 1.0 / L) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (L,) or not np.isfinite(w).all():
-        raise CapoError(f"weights must be {L} finite numbers (one per reward), got {weights!r}")
+    w = _sum_weights(R_ca.shape[2], weights)
     mask = check_rewards(R_ca, mask, min_valid=0)
     total = np.where(mask[:, :, None], R_ca, 0.0) @ w  # sum_j w_j R_ca^(j)  [P, N]
     return best_worst(total, mask)
+
+
+def weighted_ensemble(R_ca: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """SUM's training target (Sec. 4.3): R_w(x) = Σ_j w_j R_ca^(j)(x) / Σ_j w_j, [P, N, L] -> [P, N].
+
+    The weighted mean of the calibrated rewards: a win-rate like each R_ca^(j), ranked as SUM
+    ranks (same order for Σ_j w_j > 0), and the ensemble (1/L) Σ_j R_ca^(j) for uniform weights
+    (the default). NaN (invalid) entries stay NaN.
+    """
+    R_ca = _check_multi(R_ca)
+    if weights is None:
+        return ensemble(R_ca)
+    w = _sum_weights(R_ca.shape[2], weights)
+    return (R_ca @ w) / w.sum()
+
+
+def _sum_weights(L: int, weights: np.ndarray | None) -> np.ndarray:
+    """SUM's weights w [L]: 1/L each by default, else L finite numbers with Σ_j w_j > 0."""
+    w = np.full(L, 1.0 / L) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (L,) or not np.isfinite(w).all() or not w.sum() > 0:
+        raise CapoError(f"weights must be {L} finite numbers (one per reward) with a positive sum, "
+                        f"got {weights!r}")
+    return w
 
 
 def _check_multi(R_ca: np.ndarray) -> np.ndarray:

@@ -125,6 +125,8 @@ def test_select_best_worst_and_sum(calibrated):
     np.testing.assert_allclose(pairs["b"][2], [R_ca[1, 1, 1]], rtol=1e-6)  # the chosen reward's R_ca
     select_pairs(calibrated, SelectConfig(rule="sum", weights=[1.0, 0.0]))
     assert _pairs(calibrated)["b"][:2] == ([0], [1])
+    # the target is the weighted ensemble: weights (1, 0) train on reward A's R_ca alone
+    np.testing.assert_allclose(_pairs(calibrated)["b"][2:4], [[R_ca[1, 0, 0]], [R_ca[1, 1, 0]]], rtol=1e-6)
     assert _pairs(calibrated)["b"][4] == "sum"
 
 

@@ -3,7 +3,8 @@
 Rules (``capo.pairs.PAIR_RULES``): ``best_worst`` on one reward, ``sum`` of weighted rewards,
 ``frs`` (frontier-based rejection sampling). For every prompt with a usable pair the file lists
 the positive set X+ and negative set X- (sample indices) and the target calibrated reward of each
-listed sample: the chosen reward's R_ca for best_worst, the ensemble R_ca for sum and frs.
+listed sample: the chosen reward's R_ca for best_worst, the weighted ensemble Σ_j w_j R_ca^(j) / Σ_j w_j
+for sum (the ensemble for uniform weights), the ensemble R_ca for frs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow as pa
 from capo.calibration import ensemble
 from capo.config import doc, to_dict
 from capo.errors import CapoError
-from capo.pairs import PAIR_RULES, select
+from capo.pairs import PAIR_RULES, select, weighted_ensemble
 from capo.pipeline.calibrate import calibrated_arrays
 from capo.pipeline.rundir import PAIRS_SCHEMA, RunDir, write_table_atomic
 
@@ -53,7 +54,8 @@ def _sum(cfg: SelectConfig, names: list[str], R_ca: np.ndarray) -> tuple[dict[st
     if cfg.weights and len(cfg.weights) != len(names):
         raise CapoError(f"config key 'weights' has {len(cfg.weights)} values for {len(names)} rewards "
                         f"({', '.join(names)})")
-    return {"weights": np.asarray(cfg.weights) if cfg.weights else None}, ensemble(R_ca)
+    weights = np.asarray(cfg.weights, dtype=np.float64) if cfg.weights else None
+    return {"weights": weights}, weighted_ensemble(R_ca, weights)
 
 
 def _frs(cfg: SelectConfig, names: list[str], R_ca: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
