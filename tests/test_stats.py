@@ -85,3 +85,23 @@ def test_win_rate_symmetry_and_interval(pair):
     low, high = bootstrap_ci(a, b, n_boot=200)
     per_prompt = 100 * wins(a, b).mean(axis=1)
     assert per_prompt.min() - 1e-9 <= low <= high <= per_prompt.max() + 1e-9
+
+
+def test_missing_seeds_weigh_images_equally_by_hand():
+    from capo.stats import MISSING, bootstrap_means, mean_and_ci, per_prompt_means
+
+    # prompt 0 has 3 images (wins 1, 1, 0), prompt 1 one image (win 0): 2 wins of 4 images = 50%
+    tuned = np.array([[1.0, 1.0, 0.0], [0.0, MISSING, MISSING]])
+    base = np.array([[0.0, 0.0, 1.0], [1.0, MISSING, MISSING]])
+    assert win_rate(tuned, base) == 50.0
+    means, counts = per_prompt_means(tuned)
+    assert means.tolist() == [2 / 3, 0.0] and counts.tolist() == [3.0, 1.0]
+    assert per_prompt_means(np.ones((2, 2)))[1] is None
+    # replicates: both prompts -> 2/4; prompt 0 twice -> 2/3; prompt 1 twice -> 0
+    reps = bootstrap_means(np.array([2 / 3, 0.0]), n_boot=500, seed=1, weights=np.array([3.0, 1.0]))
+    assert set(np.round(reps, 6)) == {0.0, 0.5, round(2 / 3, 6)}
+    low, high = bootstrap_ci(tuned, base, n_boot=500)
+    assert (low, high) == (0.0, pytest.approx(200 / 3))
+    assert mean_and_ci(tuned, n_boot=50)[0] == 0.5
+    with pytest.raises(CapoError, match=r"tuned scores: non-finite value at index \(1, 1\)"):
+        win_rate(tuned, np.where(np.isnan(base), 0.0, base))  # NaN in one model only is an error

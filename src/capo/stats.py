@@ -1,6 +1,9 @@
 """Evaluation statistics (DESIGN §2 "Evaluation", paper Sec. 5): win-rate vs base, bootstrap CIs.
 
 numpy only. tuned/base scores are [P, S]: P held-out prompts, S seeds (same noise for both models).
+A category-balanced evaluation gives prompts different numbers of seeds: its [P, S_max] arrays hold
+NaN in both tuned and base where a prompt has no such seed (``MISSING``); means are then over the
+images present (each image weighs the same) and the bootstrap resamples prompts with their images.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from capo.errors import CapoError
 
 # Bootstrap replicates are drawn in blocks so an index block holds about this many entries.
 BOOT_BLOCK_ELEMENTS = 1 << 22
+MISSING = float("nan")  # a seed a prompt does not have (NaN in both tuned and base)
 
 
 def _check_pair(tuned: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -18,24 +22,28 @@ def _check_pair(tuned: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.nda
     base = np.asarray(base, dtype=np.float64)
     if tuned.shape != base.shape:
         raise CapoError(f"tuned scores {tuned.shape} and base scores {base.shape} differ in shape")
-    if tuned.size == 0:
+    if tuned.size == 0 or np.isnan(tuned).all():
         raise CapoError("no scores to compare (empty arrays)")
+    missing = np.isnan(tuned) & np.isnan(base)
     for name, x in (("tuned", tuned), ("base", base)):
-        if not np.isfinite(x).all():
-            where = np.argwhere(~np.isfinite(x))[0]
+        if not (np.isfinite(x) | missing).all():
+            where = np.argwhere(~(np.isfinite(x) | missing))[0]
             raise CapoError(f"{name} scores: non-finite value at index {tuple(int(k) for k in where)}")
     return tuned, base
 
 
 def wins(tuned: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Per-comparison win score (Sec. 5): 1 where tuned > base, 1/2 on a tie, 0 otherwise."""
+    """Per-comparison win score (Sec. 5): 1 where tuned > base, 1/2 on a tie, 0 otherwise
+    (NaN where both are ``MISSING``)."""
     tuned, base = _check_pair(tuned, base)
-    return (tuned > base) + 0.5 * (tuned == base)
+    score = (tuned > base) + 0.5 * (tuned == base)
+    return np.where(np.isnan(tuned), np.nan, score)
 
 
 def win_rate(tuned: np.ndarray, base: np.ndarray) -> float:
-    """Win-rate (%) of tuned over base: 100 * mean(1[tuned > base] + 1/2 * 1[tuned == base])."""
-    return float(100.0 * wins(tuned, base).mean())
+    """Win-rate (%) of tuned over base: 100 * mean(1[tuned > base] + 1/2 * 1[tuned == base]) over
+    the images present."""
+    return float(100.0 * np.nanmean(wins(tuned, base)))
 
 
 def _as_prompt_matrix(x: np.ndarray) -> np.ndarray:
@@ -48,9 +56,13 @@ def _as_prompt_matrix(x: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_means(
-    per_prompt: np.ndarray, n_boot: int = 1000, seed: int = 0
+    per_prompt: np.ndarray, n_boot: int = 1000, seed: int = 0, weights: np.ndarray | None = None
 ) -> np.ndarray:
-    """[n_boot] means of per_prompt [P] over prompts resampled with replacement (vectorised)."""
+    """[n_boot] means of per_prompt [P] over prompts resampled with replacement (vectorised).
+
+    With ``weights`` [P] (a prompt's number of images) each replicate is the weighted mean
+    Σ_i w_i m_i / Σ_i w_i over the resampled prompts i, i.e. the mean over their images.
+    """
     if n_boot < 1:
         raise CapoError(f"n_boot must be >= 1, got {n_boot}")
     P = len(per_prompt)
@@ -60,8 +72,22 @@ def bootstrap_means(
     for start in range(0, n_boot, block):
         stop = min(start + block, n_boot)
         idx = rng.integers(0, P, size=(stop - start, P))  # resampled prompt indices
-        means[start:stop] = per_prompt[idx].mean(axis=1)
+        if weights is None:
+            means[start:stop] = per_prompt[idx].mean(axis=1)
+        else:
+            means[start:stop] = (weights[idx] * per_prompt[idx]).sum(axis=1) / weights[idx].sum(axis=1)
     return means
+
+
+def per_prompt_means(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(per-prompt means [P], image counts [P] or None when every prompt has all S seeds) of
+    x [P, S] that may hold ``MISSING`` entries."""
+    x = _as_prompt_matrix(np.asarray(x, dtype=np.float64))
+    present = ~np.isnan(x)
+    if present.all():
+        return x.mean(axis=1), None
+    counts = present.sum(axis=1).astype(np.float64)
+    return np.where(present, x, 0.0).sum(axis=1) / np.maximum(counts, 1.0), counts
 
 
 def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float, float]:
@@ -82,10 +108,11 @@ def bootstrap_ci(
     """Percentile bootstrap CI (%) of the win-rate, resampling prompts: tuned/base [P, S] (or [P]).
 
     Each replicate draws P prompts with replacement and takes 100 * the mean of their per-prompt
-    win scores (each the mean over S seeds). Deterministic given ``seed``.
+    win scores (each the mean over S seeds; with ``MISSING`` seeds, the mean over the replicate's
+    images). Deterministic given ``seed``.
     """
-    per_prompt = 100.0 * _as_prompt_matrix(wins(tuned, base)).mean(axis=1)
-    return _percentile_interval(bootstrap_means(per_prompt, n_boot, seed), level)
+    per_prompt, counts = per_prompt_means(_as_prompt_matrix(wins(tuned, base)))
+    return _percentile_interval(bootstrap_means(100.0 * per_prompt, n_boot, seed, counts), level)
 
 
 def mean_and_ci(
@@ -94,6 +121,6 @@ def mean_and_ci(
     """(mean, low, high): mean score over [P, S] (or [P]) with a prompt-resampling bootstrap CI."""
     scores = np.asarray(scores, dtype=np.float64)
     _check_pair(scores, scores)
-    per_prompt = _as_prompt_matrix(scores).mean(axis=1)
-    low, high = _percentile_interval(bootstrap_means(per_prompt, n_boot, seed), level)
-    return float(per_prompt.mean()), low, high
+    per_prompt, counts = per_prompt_means(scores)
+    low, high = _percentile_interval(bootstrap_means(per_prompt, n_boot, seed, counts), level)
+    return float(per_prompt.mean() if counts is None else np.nanmean(scores)), low, high

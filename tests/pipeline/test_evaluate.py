@@ -110,3 +110,41 @@ def test_missing_tuned_model_is_an_error(tmp_path, models):
     with pytest.raises(CapoError, match="run `capo generate` first"):
         evaluate(RunDir.at(tmp_path / "empty"), EvaluateConfig())
     assert not run.eval_dir.exists()
+
+
+def test_balanced_evaluation_gives_every_category_the_same_images(tmp_path, models):
+    """images_per_category: every category n images (single_object: its one validation prompt
+    with n seeds); win-rate = the mean over images; gold per category with n; the experiment's
+    cached evaluation writes the same files; the tables read the ragged scores back."""
+    import numpy as np
+    import pyarrow.csv as pacsv
+
+    from capo.experiments.evaluation import load_eval_set
+    from capo.experiments.tables import read_scores, stratified_means
+    from capo.stats import win_rate
+
+    base, _, other = models
+    run = make_run(tmp_path, base)
+    cfg = config(other, prompts="shapes:val", num_prompts=None, images_per_category=3)
+    results = evaluate(run, cfg)
+    t = pacsv.read_csv(run.eval_dir / "scores.csv").to_pydict()
+    assert len(t["prompt_id"]) == 6 * 3
+    assert {c: t["category"].count(c) for c in set(t["category"])} == {c: 3 for c in set(t["category"])}
+    single = [s for c, s in zip(t["category"], t["seed_idx"], strict=True) if c == "single_object"]
+    assert single == [0, 1, 2]  # one prompt, three seeds
+    a = np.array(t["shapes-aesthetic/tuned"]), np.array(t["shapes-aesthetic/base"])
+    assert results["rewards"]["shapes-aesthetic"]["win_rate"] == pytest.approx(win_rate(*a))
+    assert results["gold"]["n"] == {c: 3 for c in results["gold"]["n"]} and len(results["gold"]["n"]) == 6
+    assert "| n (images) | 3 | 3 | 3 | 3 | 3 | 3 | 18 |" in (run.eval_dir / "results.md").read_text()
+    es = load_eval_set(run, cfg, tmp_path / "cache")
+    es.evaluate(tmp_path / "cell", Path(other), "evaluate cell")
+    for name in ("results.json", "results.md", "scores.csv"):
+        assert (tmp_path / "cell" / "eval" / name).read_bytes() == (run.eval_dir / name).read_bytes()
+    scores = read_scores(tmp_path / "cell" / "eval")
+    assert np.isnan(scores.tuned["gold"]).sum() == scores.tuned["gold"].size - 18
+    gold, _ = stratified_means(scores.tuned["gold"], scores.categories, 10, 0)
+    assert gold == pytest.approx(results["gold"]["tuned"]["overall"])
+    from capo.config import from_dict
+
+    with pytest.raises(CapoError, match="exclude each other"):
+        from_dict(EvaluateConfig, {"num_prompts": 6, "images_per_category": 3})

@@ -342,12 +342,13 @@ def run_experiment(cfg: ExperimentConfig, stages: Stages, only: list[str] | None
 def workload(cfg: ExperimentConfig, stages: Stages, plan: Plan) -> dict[str, int]:
     """What the plan costs, in the units that take the time: images sampled for training data and
     for evaluation (base model once per model, every kept step of every cell), training steps."""
+    from capo.pipeline.evaluate import eval_items
     from capo.pipeline.prompts import load_prompts, subset
 
     count = lambda c: len(subset(load_prompts(c.prompts), c.num_prompts, c.seed))  # noqa: E731
     evals = len(cfg.models) + sum(len(c.snapshot_steps()) for c in plan.cells.values())
     return {"generated images": sum(count(g) * g.samples_per_prompt for g in stages.generate.values()),
-            "evaluated images": evals * count(stages.evaluate) * stages.evaluate.seeds,
+            "evaluated images": evals * len(eval_items(stages.evaluate)),
             "evaluations": evals,
             "trainings": sum(c.trained for c in plan.cells.values()),
             "training steps": sum(c.steps for c in plan.cells.values() if c.trained),

@@ -48,14 +48,24 @@ class Scores:
 
 
 def read_scores(eval_dir: Path) -> Scores | None:
-    """Scores of a finished evaluation (eval/scores.csv), None if it has not finished."""
+    """Scores of a finished evaluation (eval/scores.csv), None if it has not finished. A balanced
+    evaluation's prompts have different numbers of seeds: the [P, S_max] arrays hold
+    ``stats.MISSING`` where a prompt has no such seed."""
     if not (eval_dir / IMAGES).is_file():
         return None
     t = pacsv.read_csv(eval_dir / "scores.csv").to_pydict()
-    S = max(t["seed_idx"]) + 1
-    grid = lambda c: np.asarray(t[c], dtype=np.float64).reshape(-1, S)  # noqa: E731
+    prompts = list(dict.fromkeys(t["prompt_id"]))
+    row = {p: i for i, p in enumerate(prompts)}
+    cats = dict(zip(t["prompt_id"], t["category"], strict=True))
+    idx = ([row[p] for p in t["prompt_id"]], t["seed_idx"])
+
+    def grid(column: str) -> np.ndarray:
+        out = np.full((len(prompts), max(t["seed_idx"]) + 1), stats.MISSING)
+        out[idx] = np.asarray(t[column], dtype=np.float64)
+        return out
+
     names = [c[: -len("/base")] for c in t if c.endswith("/base")]
-    return Scores([str(c) for c in t["category"][::S]], {n: grid(f"{n}/base") for n in names},
+    return Scores([str(cats[p]) for p in prompts], {n: grid(f"{n}/base") for n in names},
                   {n: grid(f"{n}/tuned") for n in names})
 
 
@@ -70,14 +80,19 @@ def interval(boot: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def stratified_means(per_prompt: np.ndarray, categories: list[str], n_boot: int, seed: int
-                     ) -> tuple[float, np.ndarray]:
-    """(mean over categories of the per-category means of per_prompt [P], its [n_boot] bootstrap
-    replicates resampling prompts within each category)."""
+def stratified_means(x: np.ndarray, categories: list[str], n_boot: int, seed: int,
+                     weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """(mean over categories of the per-category means of x [P, S] (or per-prompt means [P] with
+    image counts ``weights`` [P]), its [n_boot] bootstrap replicates resampling prompts within each
+    category). A category's mean is over its images (``stats.MISSING`` seeds left out), as
+    GenEval's per-category accuracy."""
+    per_prompt, counts = stats.per_prompt_means(x) if np.ndim(x) == 2 else (np.asarray(x), weights)
     cats = np.asarray(categories)
     groups = list(dict.fromkeys(categories))
-    value = float(np.mean([per_prompt[cats == c].mean() for c in groups]))
-    boot = np.mean([stats.bootstrap_means(per_prompt[cats == c], n_boot, seed + i)
+    w = (lambda c: None) if counts is None else (lambda c: counts[cats == c])  # noqa: E731
+    mean = lambda c: float(np.average(per_prompt[cats == c], weights=w(c)))  # noqa: E731
+    value = float(np.mean([mean(c) for c in groups]))
+    boot = np.mean([stats.bootstrap_means(per_prompt[cats == c], n_boot, seed + i, w(c))
                     for i, c in enumerate(groups)], axis=0)
     return value, boot
 
@@ -136,10 +151,8 @@ class Context:
     def gold(self, refs: tuple[CellRef, ...], which: str = "tuned") -> Stat | None:
         def fn(runs: list[Scores]) -> tuple:
             p = pool(runs)
-            value, boot = stratified_means(getattr(p, which)[GOLD].mean(1), p.categories, self.n_boot,
-                                           self.seed)
-            per_seed = [stratified_means(getattr(r, which)[GOLD].mean(1), r.categories, 1, 0)[0]
-                        for r in runs]
+            value, boot = stratified_means(getattr(p, which)[GOLD], p.categories, self.n_boot, self.seed)
+            per_seed = [stratified_means(getattr(r, which)[GOLD], r.categories, 1, 0)[0] for r in runs]
             return (value, *interval(boot), per_seed)
 
         runs = self.runs(refs)
@@ -152,14 +165,17 @@ class Context:
             return None
         pa, pb = pool(ra), pool(rb)
         if name == GOLD:
-            d = pa.tuned[GOLD].mean(1) - pb.tuned[GOLD].mean(1)
-            value, boot = stratified_means(d, pa.categories, self.n_boot, self.seed)
+            ma, counts = stats.per_prompt_means(pa.tuned[GOLD])
+            mb = stats.per_prompt_means(pb.tuned[GOLD])[0]
+            value, boot = stratified_means(ma - mb, pa.categories, self.n_boot, self.seed, counts)
             return {"kind": "gold_diff", "value": value, "low": interval(boot)[0], "high": interval(boot)[1]}
         sign = self.sign.get(name, 1.0)
-        wa = 100 * stats.wins(sign * pa.tuned[name], sign * pa.base[name]).mean(1)
-        wb = 100 * stats.wins(sign * pb.tuned[name], sign * pb.base[name]).mean(1)
-        low, high = interval(stats.bootstrap_means(wa - wb, self.n_boot, self.seed))
-        return {"kind": "diff", "value": float((wa - wb).mean()), "low": low, "high": high}
+        wa, counts = stats.per_prompt_means(stats.wins(sign * pa.tuned[name], sign * pa.base[name]))
+        wb = stats.per_prompt_means(stats.wins(sign * pb.tuned[name], sign * pb.base[name]))[0]
+        d = 100 * (wa - wb)
+        low, high = interval(stats.bootstrap_means(d, self.n_boot, self.seed, counts))
+        value = d.mean() if counts is None else (counts * d).sum() / counts.sum()
+        return {"kind": "diff", "value": float(value), "low": low, "high": high}
 
 
 OBJECTIVE_LABELS = {"dpo": "DPO", "ipo": "IPO", "capo": "CaPO"}

@@ -34,7 +34,7 @@ from capo.config import doc, to_dict
 from capo.errors import CapoError
 from capo.models.base import DiffusionAdapter
 from capo.pipeline.generate import DTYPES, load_base, resolve_device, sample_seed
-from capo.pipeline.prompts import Prompt, load_prompts, subset
+from capo.pipeline.prompts import Prompt, balanced_plan, load_prompts, subset
 from capo.pipeline.rundir import RunDir, write_text_atomic
 from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, check_reward_options, load_scorer
 from capo.rewards.base import RewardModel
@@ -47,6 +47,9 @@ class EvaluateConfig:
     prompts: str = doc("held-out prompt file or built-in set", "shapes:heldout")
     num_prompts: int | None = doc("use a deterministic, category-balanced subset of this many prompts", None)
     seeds: int = doc("seeds S per prompt (base and tuned share each initial noise)", 2)
+    images_per_category: int | None = doc(
+        "category-balanced evaluation (GenEval): every category gets this many images, small "
+        "categories more seeds per prompt (replaces num_prompts and seeds)", None)
     seed: int = doc("base seed of the evaluation noise", 1000)
     reward: list[str] = doc("rewards to report (default: those of the run's score stage)", [])
     tuned: str | None = doc("tuned model directory (default: RUN/model)", None)
@@ -66,6 +69,10 @@ class EvaluateConfig:
                 raise CapoError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         if self.dtype not in DTYPES:
             raise CapoError(f"config key 'dtype' must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.images_per_category is not None and self.images_per_category < 1:
+            raise CapoError(f"config key 'images_per_category' must be >= 1, got {self.images_per_category}")
+        if self.images_per_category is not None and self.num_prompts is not None:
+            raise CapoError("config keys 'images_per_category' and 'num_prompts' exclude each other")
 
 
 Item = tuple[Prompt, int]
@@ -78,6 +85,24 @@ GOLD = "gold"  # the gold checker's verdicts (1.0 = correct), scored beside the 
 def items_of(prompts: list[Prompt], seeds: int) -> list[Item]:
     """Items [P * S], prompt-major: (p, 0), ..., (p, S - 1) for each prompt p."""
     return [(p, s) for p in prompts for s in range(seeds)]
+
+
+def eval_items(cfg: EvaluateConfig) -> list[Item]:
+    """The items of ``cfg``: ``num_prompts`` x ``seeds``, or with ``images_per_category`` the
+    category-balanced plan (``prompts.balanced_plan``: seeds 0..k_p - 1 of each prompt p used)."""
+    prompts = load_prompts(cfg.prompts)
+    if cfg.images_per_category is None:
+        return items_of(subset(prompts, cfg.num_prompts, cfg.seed), cfg.seeds)
+    return [(p, s) for p, k in balanced_plan(prompts, cfg.images_per_category, cfg.seed) for s in range(k)]
+
+
+def prompt_matrix(items: list[Item], x: np.ndarray) -> np.ndarray:
+    """Scores per item [N] (prompt-major) -> [P, S_max], ``stats.MISSING`` where a prompt has
+    fewer seeds (balanced evaluations); a plain reshape when every prompt has S seeds."""
+    rows = {pid: i for i, pid in enumerate(dict.fromkeys(p.prompt_id for p, _ in items))}
+    out = np.full((len(rows), max(s for _, s in items) + 1), stats.MISSING)
+    out[[rows[p.prompt_id] for p, _ in items], [s for _, s in items]] = np.asarray(x, dtype=np.float64)
+    return out
 
 
 @dataclass
@@ -104,9 +129,7 @@ class Evaluation:
         gen = run.load_config().get("generate", {})
         steps = cfg.steps if cfg.steps is not None else gen.get("steps")
         guidance = cfg.guidance if cfg.guidance is not None else gen.get("guidance")
-        prompts = subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed)
-        items = items_of(prompts, cfg.seeds)
-        return cls(run.read_base_model(), cfg, items, names, steps, guidance, keep_rewards)
+        return cls(run.read_base_model(), cfg, eval_items(cfg), names, steps, guidance, keep_rewards)
 
     @property
     def prompts(self) -> list[Prompt]:
@@ -114,8 +137,8 @@ class Evaluation:
         return list({p.prompt_id: p for p, _ in self.items}.values())
 
     def per_prompt(self, x: np.ndarray) -> np.ndarray:
-        """Scores per item [N] -> [P, S] (rows: prompts, prompt-major items)."""
-        return np.asarray(x).reshape(len(self.prompts), -1)
+        """Scores per item [N] -> [P, S] (rows: prompts; ``stats.MISSING`` for absent seeds)."""
+        return prompt_matrix(self.items, x)
 
     def load_model(self, model_dir: Path | None = None) -> DiffusionAdapter:
         """The base model, with the trained weights in ``model_dir`` applied (None: the base itself)."""
@@ -192,7 +215,8 @@ class Evaluation:
 
             cats = [p.category for p, _ in self.items]
             out[GOLD] = {"base": accuracy_by_category(base[GOLD], cats),
-                         "tuned": accuracy_by_category(tuned[GOLD], cats)}
+                         "tuned": accuracy_by_category(tuned[GOLD], cats),
+                         "n": {c: cats.count(c) for c in out_categories(cats)}}
         return out
 
     def scores_table(self, base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> pa.Table:
@@ -219,6 +243,13 @@ class Evaluation:
         image_grid([self.items[i][0].prompt for i in first], [images[0][i] for i in first],
                    [images[1][i] for i in first], out / "grid.png")
         return results
+
+
+def out_categories(categories: list[str]) -> list[str]:
+    """The categories of ``accuracy_by_category``'s summary, in its order (without "overall")."""
+    from capo.shapes.checker import accuracy_by_category
+
+    return [c for c in accuracy_by_category(np.zeros(len(categories)), categories) if c != "overall"]
 
 
 def with_score_options(run: RunDir, cfg: EvaluateConfig) -> EvaluateConfig:
@@ -271,6 +302,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         for model in ("base", "tuned"):
             acc = results["gold"][model]
             lines.append(f"| {model} | " + " | ".join(f"{acc[c]:.3f}" for c in cats) + " |")
+        if "n" in results["gold"]:
+            n = {**results["gold"]["n"], "overall": sum(results["gold"]["n"].values())}
+            lines.append("| n (images) | " + " | ".join(str(n[c]) for c in cats) + " |")
     return "\n".join(lines) + "\n"
 
 
