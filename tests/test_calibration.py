@@ -85,7 +85,15 @@ def test_bt_logits_logit_by_hand():
     np.testing.assert_allclose(out[:3], [0.0, 2 * log4, -2 * log4], atol=1e-14)
     np.testing.assert_allclose(out[3], 2 * 13.815509557963773, rtol=1e-9)
     np.testing.assert_allclose(out[4], -2 * 13.815509557963773, rtol=1e-9)
-    assert set(TRANSFORMS) == {"identity", "logit"}
+    assert set(TRANSFORMS) == {"identity", "logit", "logit_of_square"}
+
+
+def test_bt_logits_logit_of_square_by_hand():
+    # s = sqrt(0.8): s² = 0.8, logit = log 4; s = 0.5: s² = 0.25, logit = log(0.25 / 0.75) = -log 3.
+    out = bt_logits(np.array([math.sqrt(0.8), 0.5]), transform="logit_of_square")
+    np.testing.assert_allclose(out, [math.log(4.0), -math.log(3.0)], atol=1e-12)
+    with pytest.raises(CapoError, match="logit_of_square"):
+        bt_logits(np.array([1.5]), transform="logit_of_square")
 
 
 def test_bt_logits_errors():

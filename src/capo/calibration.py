@@ -29,9 +29,18 @@ def _logit(raw: np.ndarray, eps: float) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def _logit_of_square(raw: np.ndarray, eps: float) -> np.ndarray:
+    """transform(s) = logit(s²): s the geometric mean of two token probabilities (t2v_metrics'
+    VQAScore over "Yes", "</s>"), so s² = P(Yes) · P(</s> | Yes) is the answer's probability."""
+    if np.any(raw < 0) or np.any(raw > 1):
+        raise CapoError("transform 'logit_of_square' expects values in [0, 1], got values outside")
+    return _logit(raw * raw, eps)
+
+
 TRANSFORMS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
     "identity": _identity,
     "logit": _logit,
+    "logit_of_square": _logit_of_square,
 }
 
 

@@ -22,7 +22,7 @@ class RewardModel(abc.ABC):
       name: registry name.
       needs_prompt: whether ``score`` uses the prompts.
       bt_scale, transform: the Bradley-Terry logit is ``bt_scale * transform(raw)`` (DESIGN §2),
-        transform in {"identity", "logit"}.
+        transform in {"identity", "logit", "logit_of_square"} (``capo.calibration.TRANSFORMS``).
       higher_is_better: direction of the raw score.
     """
 
