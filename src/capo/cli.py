@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
-from capo.errors import CapoError
+from capo.errors import user_error
 
 #: subcommand -> "module:register" where register(subparsers) adds the parser and sets func
 COMMANDS: dict[str, str] = {
@@ -24,9 +28,14 @@ COMMANDS: dict[str, str] = {
     "shapes": "capo.shapes.pretrain:register",
 }
 
+#: commands that write RUN and so hold its lock while they run
+LOCKED = ("generate", "score", "calibrate", "select", "train", "evaluate", "run")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capo", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (default: one line, exit 2)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_attr in COMMANDS.values():
         module, attr = module_attr.split(":")
@@ -36,19 +45,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])  # --debug anywhere on the line
+    args.debug = "--debug" in argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
     try:
-        args.func(args)
-    except CapoError as e:
-        print(f"capo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        with run_lock(args):
+            args.func(args)
     except KeyboardInterrupt:
         print(f"capo {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a user or environment failure is one line; a bug keeps its traceback
+        error = user_error(e)
+        if error is None or args.debug:
+            raise
+        print(f"capo {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def run_lock(args: argparse.Namespace) -> Any:
+    """RUN/.capo.lock for a command that writes a run (only rank 0 of a multi-process launch
+    takes it); the leftovers of interrupted writes are removed once the lock is held."""
+    run = getattr(args, "run", None)
+    if not run or os.environ.get("RANK", "0") != "0" or args.command not in LOCKED:
+        return nullcontext()
+    from capo.pipeline.integrity import RunLock
+
+    return RunLock(Path(run), args.command)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """One config dataclass per stage: YAML files and CLI flags load into the same dataclass.
 
-Each field documents itself once, through ``field(metadata={"help": ...})``. Unknown keys and
-values of the wrong type are errors that name the key.
+Each field documents itself once, through ``doc()``: its help, its allowed range (``ge``, ``gt``,
+``le``, ``lt``) or values (``choices``), and whether it belongs to the identity of what the stage
+makes (``identity=False``: it does not change the result, e.g. a logging option). The range drives
+validation and ``--help``; the choices drive argparse, validation and help. Unknown keys, values of
+the wrong type, non-finite floats and values out of range are errors that name the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,12 +24,65 @@ from capo.errors import CapoError
 T = TypeVar("T")
 
 
-def doc(help: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field with its one-line documentation."""
+#: range bound in doc() -> (comparison that must hold, how --help and errors show it)
+BOUNDS: dict[str, tuple[Any, str]] = {
+    "ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<"),
+}
+#: longest user text quoted in an error message
+QUOTE_CHARS = 200
+
+
+def doc(help: str, default: Any = dataclasses.MISSING, *, choices: Any = None, identity: bool = True,
+        **kw: Any) -> Any:
+    """A dataclass field with its one-line documentation, allowed range (``ge=0``, ``gt=0``, ``le``,
+    ``lt``) or ``choices`` (any iterable, e.g. a name -> factory table), and ``identity=False`` for
+    a setting that does not change what the stage makes."""
+    meta = {"help": help, "identity": identity, **{k: kw.pop(k) for k in BOUNDS if k in kw}}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut to QUOTE_CHARS characters (errors never echo a whole file)."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}... ({len(text)} characters)"
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """'> 0', '>= 0, <= 1', 'one of a, b' for --help and errors ('' if unconstrained)."""
+    if "choices" in f.metadata:
+        return "one of " + ", ".join(map(str, f.metadata["choices"]))
+    return ", ".join(f"{BOUNDS[k][1]} {f.metadata[k]}" for k in BOUNDS if k in f.metadata)
+
+
+def identity_keys(cls: type) -> tuple[str, ...]:
+    """Fields of ``cls`` that change what its stage makes (all but those declared identity=False)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity", True))
+
+
+def _check_value(f: dataclasses.Field, value: Any, source: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CapoError(f"config key '{f.name}' must be a finite number, got {value}", path=source)
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise CapoError(f"config key '{f.name}' must be {range_text(f)}, got {quote(value)}", path=source)
+    for key, (holds, _) in BOUNDS.items():
+        if key in f.metadata and isinstance(value, (int, float)) and not holds(value, f.metadata[key]):
+            raise CapoError(f"config key '{f.name}' must be {range_text(f)}, got {value}", path=source)
+
+
+def check_fields(obj: Any, source: str = "<config>") -> None:
+    """Every field of a config dataclass finite and within its declared range or choices."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                _check_value(f, v, source)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -47,7 +104,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
         if not isinstance(value, (list, tuple)):
-            raise CapoError(f"config key '{key}' expects a list, got {value!r}", path=source)
+            raise CapoError(f"config key '{key}' expects a list, got {quote(value)}", path=source)
         return [_coerce(key, v, inner, source) for v in value]
     try:
         if inner is bool:
@@ -69,7 +126,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             return dict(value)
     except (TypeError, ValueError, yaml.YAMLError):
         raise CapoError(
-            f"config key '{key}' expects {getattr(inner, '__name__', inner)}, got {value!r}",
+            f"config key '{key}' expects {getattr(inner, '__name__', inner)}, got {quote(value)}",
             path=source,
         ) from None
     return value
@@ -82,11 +139,12 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T
     unknown = sorted(set(data) - names)
     if unknown:
         raise CapoError(
-            f"unknown config key '{unknown[0]}' for {cls.__name__} (known: {', '.join(sorted(names))})",
+            f"unknown config key {quote(unknown[0])} for {cls.__name__} (known: {', '.join(sorted(names))})",
             path=source,
         )
     kwargs = {k: _coerce(k, v, hints[k], source) for k, v in data.items()}
     obj = cls(**kwargs)
+    check_fields(obj, source)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
@@ -99,7 +157,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CapoError("config file not found", path=str(p))
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise CapoError(f"not UTF-8 text (byte {e.start})", path=str(p)) from None
     except yaml.YAMLError as e:
         raise CapoError(f"invalid YAML: {str(e).splitlines()[0]}", path=str(p)) from None
     if not isinstance(data, dict):
@@ -114,13 +174,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         inner, is_list = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else "[]"
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        allowed = range_text(f)
+        help_ = f"{f.metadata.get('help', '')} ({allowed + '; ' if allowed else ''}default: {default})"
+        choices = f.metadata.get("choices") if inner is str and not is_list else None
+        metavar = "{" + ",".join(choices) + "}" if choices else None  # checked by check_fields: one line
         if is_list:
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_)
         elif inner is bool:  # a bare --flag means true; --flag false also works
             parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", help=help_)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=help_)
+            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_)
 
 
 def build(cls: type[T], args: argparse.Namespace, config_path: str | None = None,

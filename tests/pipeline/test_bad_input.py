@@ -109,11 +109,12 @@ def test_reward_returning_nan(tmp_path, capsys, model, prompts):
     assert (run / "samples" / "part-00000-00000.parquet").is_file()
 
 
-def test_prompt_with_one_sample(tmp_path, capsys, model, prompts):
-    run = generated(tmp_path, model, prompts, n=1)
-    assert main(["score", "--run", str(run), "--reward", "shapes-aesthetic"]) == 0
-    fails(capsys, ["calibrate", "--run", str(run)], "has 1 sample(s); calibration needs at least 2", run)
-    assert not (run / "calibrated.parquet").exists()
+def test_one_sample_per_prompt_is_refused_before_any_work(tmp_path, capsys, model, prompts):
+    run = tmp_path / "run1"
+    fails(capsys, ["generate", "--run", str(run), "--model", model, "--prompts", prompts,
+                   "--samples-per-prompt", "1"], "config key 'samples_per_prompt' must be >= 2, got 1",
+          tmp_path)
+    assert not run.exists()
 
 
 def test_config_typos_and_bad_values(tmp_path, capsys, model, prompts):

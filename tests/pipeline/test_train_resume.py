@@ -68,6 +68,10 @@ def test_stop_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, whole,
         T.train(config(cut, **SETTINGS))
     with pytest.raises(CapoError, match="--beta 1.0 differs from the checkpoint's 1000.0"):
         T.train(config(cut, resume=True, **{**SETTINGS, "beta": 1.0}))
+    # every identity field of TrainConfig is a trajectory field (issue 13: declared once, in doc())
+    for key, value in {"max_grad_norm": 0.5, "grad_accum": 2, "max_steps": 8}.items():
+        with pytest.raises(CapoError, match=f"--{key.replace('_', '-')} {value} differs from the checkpoint"):
+            T.train(config(cut, resume=True, **{**SETTINGS, key: value}))
     summary = T.train(config(cut, resume=True, **SETTINGS))
     assert summary["resumed_from"] == 3
     assert sorted(checkpoints(cut)) == [6]  # keep_checkpoints=1 pruned step-3

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from capo.config import from_dict, to_dict
+from capo.config import from_dict, identity_keys, to_dict
 from capo.errors import CapoError
 from capo.experiments.evaluation import IMAGES, load_eval_set
 from capo.experiments.matrix import (
@@ -150,14 +150,10 @@ def train_config(template: Any, cell: Cell, run: str, step: int, resume: bool = 
                                resume=resume, beta=beta, learning_rate=lr)
 
 
-#: TrainConfig keys that do not change the trained model (left out of a cell's identity)
-TRAIN_IGNORED = ("run", "resume", "log_with", "keep_checkpoints", "checkpoint_every")
-
-
 def identity(cell: Cell, stages: Stages, soup: str) -> dict[str, Any]:
     """Everything a cell's results depend on (cell.json); a rerun with other values is refused."""
-    train = {k: v for k, v in to_dict(train_config(stages.train, cell, "", cell.steps)).items()
-             if k not in TRAIN_IGNORED}
+    keys = identity_keys(type(stages.train))  # TrainConfig fields not declared identity=False
+    train = {k: v for k, v in to_dict(train_config(stages.train, cell, "", cell.steps)).items() if k in keys}
     return {"cell": dataclasses.asdict(cell), "generate": to_dict(stages.generate[cell.model]),
             "score": to_dict(stages.score), "train": train if cell.trained else None,
             "select": to_dict(select_config(cell)) if cell.trained else None,

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,16 +22,17 @@ from accelerate import Accelerator
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from capo.config import identity_keys
 from capo.errors import CapoError
+from capo.pipeline.integrity import damage, manifest
 from capo.pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
     from capo.pipeline.train import Trainer
 
-#: config keys a resumed run must share with its checkpoint (they define the trajectory)
-TRAJECTORY_KEYS = ("objective", "weighting", "sigmoid_bias", "normalize_weighting", "beta", "lora",
-                   "lora_rank", "lora_alpha", "lora_init", "learning_rate", "weight_decay", "adam_epsilon",
-                   "warmup_steps", "lr_schedule", "batch_size", "seed", "share_noise", "t_min", "t_max")
+#: learning-rate schedules whose value at step k does not depend on max_steps: under them a resume
+#: may extend max_steps (the first steps are the same trajectory); under the others it may not
+SCHEDULES_WITHOUT_END = ("constant",)
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 LORA_STATE = "lora.safetensors"
 
@@ -73,7 +76,7 @@ def save_checkpoint(tr: Trainer, step: int) -> Path:
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        position = {"step": step, "config": dataclasses.asdict(tr.config)}
+        position = {"step": step, "config": dataclasses.asdict(tr.config), "files": manifest(tmp)}
         (tmp / "position.json").write_text(json.dumps(position, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -83,18 +86,72 @@ def save_checkpoint(tr: Trainer, step: int) -> Path:
     return final
 
 
+def trajectory_keys(config: Any) -> tuple[str, ...]:
+    """The settings a resumed training must share with its checkpoint: the config's identity
+    (``doc(identity=...)`` in TrainConfig), less max_steps under a schedule that ignores it."""
+    keys = identity_keys(type(config))
+    if config.lr_schedule in SCHEDULES_WITHOUT_END:
+        keys = tuple(k for k in keys if k != "max_steps")
+    return keys
+
+
+def check_trajectory(saved: dict[str, Any], config: Any, where: Path) -> None:
+    """A resume with another trajectory setting is an error naming it."""
+    for key in trajectory_keys(config):
+        if saved["config"].get(key) != getattr(config, key):
+            raise CapoError(f"--{key.replace('_', '-')} {getattr(config, key)} differs from the checkpoint's "
+                            f"{saved['config'].get(key)} (it changes the training trajectory; use the "
+                            "checkpoint's value or a new --run)", path=str(where))
+    if saved["step"] > config.max_steps:
+        raise CapoError(f"the checkpoint is at step {saved['step']}, past --max-steps {config.max_steps}",
+                        path=str(where))
+
+
+def read_position(ckpt: Path, full: bool = True) -> tuple[dict[str, Any] | None, str | None]:
+    """(position.json, None) for an intact checkpoint, else (None, what is damaged)."""
+    try:
+        saved = json.loads((ckpt / "position.json").read_text())
+        int(saved["step"]), saved["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "position.json: not readable"
+    problem = damage(ckpt, saved.get("files", {}), full=full)  # older checkpoints have no manifest
+    return (None, problem) if problem else (saved, None)
+
+
+def newest_intact(run: RunDir, warn: Any = print) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint whose files match their manifest; a damaged newer one is passed
+    over with a warning naming it. None if there is no checkpoint; an error if none is intact."""
+    found = checkpoints(run)
+    for step in sorted(found, reverse=True):
+        saved, problem = read_position(found[step])
+        if saved is not None:
+            return found[step], saved
+        warn(f"capo train: warning: {found[step]}: damaged ({problem}); trying an older checkpoint")
+    if found:
+        raise CapoError("no intact checkpoint; remove checkpoints/ to train from the start",
+                        path=str(run.checkpoints_dir))
+    return None
+
+
 def resume(tr: Trainer) -> int:
-    """Load the newest checkpoint if --resume (else refuse to overwrite one); returns its step."""
+    """Load the newest intact checkpoint if --resume (else refuse to overwrite one); its step."""
     found = checkpoints(tr.run)
     if not found:
         return 0
-    newest = found[max(found)]
     if not tr.config.resume:
-        raise CapoError("checkpoints exist; pass --resume to continue, or remove them", path=str(newest))
-    saved = json.loads((newest / "position.json").read_text())
-    for key in TRAJECTORY_KEYS:
-        if saved["config"].get(key) != getattr(tr.config, key):
-            raise CapoError(f"--{key.replace('_', '-')} {getattr(tr.config, key)} differs from the "
-                            f"checkpoint's {saved['config'].get(key)}", path=str(newest))
-    tr.accelerator.load_state(str(newest))
+        raise CapoError("checkpoints exist; pass --resume to continue, or remove them",
+                        path=str(found[max(found)]))
+    newest, saved = newest_intact(tr.run, warn=_warn(tr.accelerator))
+    check_trajectory(saved, tr.config, newest)
+    if newest != found[max(found)] and tr.accelerator.is_main_process:
+        print(f"capo train: resuming from {newest} (step {saved['step']})", file=sys.stderr)
+    try:
+        tr.accelerator.load_state(str(newest))
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CapoError(f"cannot load this checkpoint ({type(e).__name__}: {str(e)[:160]}); remove it to "
+                        "resume from an older one", path=str(newest)) from None
     return int(saved["step"])
+
+
+def _warn(acc: Accelerator) -> Any:
+    return (lambda msg: print(msg, file=sys.stderr)) if acc.is_main_process else (lambda msg: None)

@@ -33,7 +33,7 @@ from capo import stats
 from capo.config import doc, to_dict
 from capo.errors import CapoError
 from capo.models.base import DiffusionAdapter
-from capo.pipeline.generate import DTYPES, load_base, resolve_device, sample_seed
+from capo.pipeline.generate import DTYPES, check_device, load_base, resolve_device, sample_seed
 from capo.pipeline.prompts import Prompt, balanced_plan, load_prompts, subset
 from capo.pipeline.rundir import RunDir, write_text_atomic
 from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, check_reward_options, load_scorer
@@ -45,32 +45,27 @@ class EvaluateConfig:
     """Stage ``evaluate``: win-rates of the tuned model over the base model."""
 
     prompts: str = doc("held-out prompt file or built-in set", "shapes:heldout")
-    num_prompts: int | None = doc("use a deterministic, category-balanced subset of this many prompts", None)
-    seeds: int = doc("seeds S per prompt (base and tuned share each initial noise)", 2)
+    num_prompts: int | None = doc("use a deterministic, category-balanced subset of this many prompts", None,
+                                  ge=1)
+    seeds: int = doc("seeds S per prompt (base and tuned share each initial noise)", 2, ge=1)
     images_per_category: int | None = doc(
         "category-balanced evaluation (GenEval): every category gets this many images, small "
-        "categories more seeds per prompt (replaces num_prompts and seeds)", None)
-    seed: int = doc("base seed of the evaluation noise", 1000)
+        "categories more seeds per prompt (replaces num_prompts and seeds)", None, ge=1)
+    seed: int = doc("base seed of the evaluation noise", 1000, ge=0)
     reward: list[str] = doc("rewards to report (default: those of the run's score stage)", [])
     tuned: str | None = doc("tuned model directory (default: RUN/model)", None)
-    steps: int | None = doc("sampling steps (default: the run's generate setting)", None)
-    guidance: float | None = doc("guidance scale (default: the run's generate setting)", None)
-    batch_size: int = doc("samples per forward pass", 64)
-    n_boot: int = doc("bootstrap replicates of the win-rate interval", 1000)
-    grid_prompts: int = doc("prompts shown in eval/grid.png (first seed)", 8)
+    steps: int | None = doc("sampling steps (default: the run's generate setting)", None, ge=1)
+    guidance: float | None = doc("guidance scale (default: the run's generate setting)", None, ge=0)
+    batch_size: int = doc("samples per forward pass", 64, ge=1)
+    n_boot: int = doc("bootstrap replicates of the win-rate interval", 1000, ge=1)
+    grid_prompts: int = doc("prompts shown in eval/grid.png (first seed)", 8, ge=0)
     device: str = doc("device: auto, cpu, cuda, ...", "auto")
-    dtype: str = doc("model dtype: float32, float16 or bfloat16", "float32")
+    dtype: str = doc("model dtype", "float32", choices=DTYPES)
     reward_options: dict = doc("per-reward loader options (default: those of the run's score stage)", {})
 
     def validate(self) -> None:
         check_reward_options(self.reward_options)
-        for key in ("seeds", "batch_size", "n_boot"):
-            if getattr(self, key) < 1:
-                raise CapoError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        if self.dtype not in DTYPES:
-            raise CapoError(f"config key 'dtype' must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.images_per_category is not None and self.images_per_category < 1:
-            raise CapoError(f"config key 'images_per_category' must be >= 1, got {self.images_per_category}")
+        check_device(self.device)
         if self.images_per_category is not None and self.num_prompts is not None:
             raise CapoError("config keys 'images_per_category' and 'num_prompts' exclude each other")
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from capo.config import doc, to_dict
+from capo.config import doc, quote, to_dict
 from capo.errors import CapoError
 from capo.models.base import MODELS, DiffusionAdapter, detect_family, load_model
 from capo.pipeline.prompts import Prompt, load_prompts, prompts_table, subset
@@ -57,24 +57,19 @@ class GenerateConfig:
     prompts: str = doc("prompt file (txt/csv/jsonl/parquet) or built-in set (shapes:train, ...)",
                        "shapes:train")
     num_prompts: int | None = doc("use a deterministic, category-balanced subset of this many prompts",
-                                  None)
-    samples_per_prompt: int = doc("samples N per prompt", 16)
-    steps: int | None = doc("sampling steps (default: the model family's)", None)
-    guidance: float | None = doc("classifier-free guidance scale (default: the model family's)", None)
-    seed: int = doc("base seed; sample seeds derive from (seed, prompt_id, sample_idx)", 0)
-    batch_size: int = doc("samples per forward pass, batched across prompts", 64)
-    chunk_size: int = doc("prompts per shard (the unit of resumption)", 32)
+                                  None, ge=1)
+    samples_per_prompt: int = doc("samples N per prompt (calibration compares each with the others)", 16,
+                                  ge=2)
+    steps: int | None = doc("sampling steps (default: the model family's)", None, ge=1)
+    guidance: float | None = doc("classifier-free guidance scale (default: the model family's)", None, ge=0)
+    seed: int = doc("base seed; sample seeds derive from (seed, prompt_id, sample_idx)", 0, ge=0)
+    batch_size: int = doc("samples per forward pass, batched across prompts", 64, ge=1)
+    chunk_size: int = doc("prompts per shard (the unit of resumption)", 32, ge=1)
     device: str = doc("device: auto (this rank's accelerator, else cpu), cpu, cuda, cuda:1, ...", "auto")
-    dtype: str = doc("model dtype: float32, float16 or bfloat16", "float32")
+    dtype: str = doc("model dtype", "float32", choices=DTYPES)
 
     def validate(self) -> None:
-        for key in ("samples_per_prompt", "batch_size", "chunk_size"):
-            if getattr(self, key) < 1:
-                raise CapoError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        if self.steps is not None and self.steps < 1:
-            raise CapoError(f"config key 'steps' must be >= 1, got {self.steps}")
-        if self.dtype not in DTYPES:
-            raise CapoError(f"config key 'dtype' must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        check_device(self.device)
         reserved = sorted(set(self.model_options) & set(RESERVED_OPTIONS))
         if reserved:
             raise CapoError(f"config key 'model_options.{reserved[0]}' is set by capo itself "
@@ -108,6 +103,21 @@ def process_state() -> Any:
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_device(device: str) -> None:
+    """An unknown device name, or a CUDA device on a torch build or machine without one, is an
+    error before any work."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise CapoError(f"config key 'device': unknown device {quote(device)} (auto, cpu, cuda, cuda:1, "
+                        "...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise CapoError(f"config key 'device' is '{device}' but {build}; use --device cpu or auto")
 
 
 def resolve_device(device: str, state: Any | None = None) -> torch.device:

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from capo.config import quote
 from capo.errors import CapoError
 
 KNOWN_COLUMNS = ("prompt_id", "prompt", "category", "split")
@@ -142,10 +143,10 @@ def check_unique(prompts: list[Prompt], path: str, rows: list[int] | None = None
     seen_id: dict[str, int] = {}
     for p, row in zip(prompts, rows, strict=True):
         if p.prompt in seen_text:
-            raise CapoError(f"duplicate prompt '{p.prompt}' (first at row {seen_text[p.prompt]})",
+            raise CapoError(f"duplicate prompt {quote(p.prompt)} (first at row {seen_text[p.prompt]})",
                             path=path, row=row)
         if p.prompt_id in seen_id:
-            raise CapoError(f"duplicate prompt_id '{p.prompt_id}' (first at row {seen_id[p.prompt_id]})",
+            raise CapoError(f"duplicate prompt_id {quote(p.prompt_id)} (first at row {seen_id[p.prompt_id]})",
                             path=path, row=row)
         seen_text[p.prompt] = seen_id[p.prompt_id] = row
 
@@ -162,9 +163,12 @@ def load_prompts(source: str) -> list[Prompt]:
         known = ", ".join(READERS)
         raise CapoError(f"unknown prompt file type '{path.suffix}' (known: {known})", path=source)
     prompts, rows = [], []
-    for row, rec in READERS[path.suffix.lower()](path):
-        prompts.append(_to_prompt(rec, path, row))
-        rows.append(row)
+    try:
+        for row, rec in READERS[path.suffix.lower()](path):
+            prompts.append(_to_prompt(rec, path, row))
+            rows.append(row)
+    except UnicodeDecodeError as e:
+        raise CapoError(f"not UTF-8 text (byte {e.start} of a line: {e.reason})", path=source) from None
     if not prompts:
         raise CapoError("no prompts in file", path=source)
     check_unique(prompts, source, rows)

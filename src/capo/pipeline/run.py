@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from capo.config import doc, from_dict, load_yaml, to_dict
+from capo.config import doc, from_dict, identity_keys, load_yaml, to_dict
 from capo.errors import CapoError
 from capo.pipeline.calibrate import CalibrateConfig, calibrate_run
 from capo.pipeline.evaluate import EvaluateConfig, evaluate, results_markdown
@@ -35,8 +35,6 @@ from capo.pipeline.score import ScoreConfig, score
 from capo.pipeline.select import SelectConfig, select_pairs
 
 STAGES = ("generate", "score", "calibrate", "select", "train", "evaluate")
-#: train config keys that do not change the trained model
-TRAIN_IGNORED = ("run", "resume", "checkpoint_every", "keep_checkpoints", "log_with")
 
 
 def default_config() -> str:
@@ -118,13 +116,12 @@ def resolve(
     return cfg, stages
 
 
-def _changed_key(
-    saved: dict[str, Any] | None, current: dict[str, Any], ignored: tuple[str, ...] = ()
-) -> str | None:
-    """The first setting that differs from the saved one ('(never ran)' if none saved), else None."""
+def _changed_key(saved: dict[str, Any] | None, cfg: Any) -> str | None:
+    """The first identity setting of ``cfg`` (config.identity_keys) that differs from the saved
+    one ('(never ran)' if none saved), else None."""
     if saved is None:
         return "(never ran)"
-    keys = [k for k in dict.fromkeys([*current, *saved]) if k not in ignored]
+    current, keys = to_dict(cfg), identity_keys(type(cfg))
     return next((k for k in keys if saved.get(k) != current.get(k)), None)
 
 
@@ -138,9 +135,21 @@ def _pending_score(run: RunDir, cfg: ScoreConfig) -> str | None:
     return f"reward '{missing[0]}' is not scored yet" if missing else None
 
 
-def _pending_derived(name: str, ignored: tuple[str, ...] = ()) -> Callable[[RunDir, Any], str | None]:
+def saved_settings(run: RunDir, name: str) -> dict[str, Any] | None:
+    """The settings stage ``name`` last ran with. Train's are read from model/train_summary.json,
+    which appears in the same rename as the model (config.yaml is written just after it)."""
+    summary = run.model_dir / "train_summary.json"
+    if name == "train" and summary.is_file():
+        try:
+            return json.loads(summary.read_text())["config"]
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise CapoError("unreadable train summary; remove model/ and rerun", path=str(summary)) from None
+    return run.load_config().get(name)
+
+
+def _pending_derived(name: str) -> Callable[[RunDir, Any], str | None]:
     def check(run: RunDir, cfg: Any) -> str | None:
-        key = _changed_key(run.load_config().get(name), to_dict(cfg), ignored)
+        key = _changed_key(saved_settings(run, name), cfg)
         return None if key is None else f"setting '{key}' changed"
 
     return check
@@ -152,7 +161,7 @@ PENDING: dict[str, Callable[[RunDir, Any], str | None]] = {
     "score": _pending_score,
     "calibrate": _pending_derived("calibrate"),
     "select": _pending_derived("select"),
-    "train": _pending_derived("train", TRAIN_IGNORED),
+    "train": _pending_derived("train"),
 }
 
 
@@ -172,7 +181,7 @@ def _run_train(run: RunDir, cfg: Any, dirty: bool) -> bool:
     from capo.pipeline.checkpoint import checkpoints
     from capo.pipeline.train import train
 
-    fresh = _changed_key(run.load_config().get("train"), to_dict(cfg), TRAIN_IGNORED) is None
+    fresh = _changed_key(saved_settings(run, "train"), cfg) is None
     if run.model_dir.is_dir():
         if fresh and not dirty:
             return False
@@ -198,7 +207,7 @@ def _derived(name: str, fn: Callable[[RunDir, Any], Any], output: Callable[[RunD
     """A stage that reruns unless its output exists with the same settings and nothing upstream changed."""
 
     def step(run: RunDir, cfg: Any, dirty: bool) -> bool:
-        same = _changed_key(run.load_config().get(name), to_dict(cfg)) is None
+        same = _changed_key(run.load_config().get(name), cfg) is None
         if not dirty and output(run).exists() and same:
             return False
         fn(run, cfg)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from capo.config import doc, to_dict
 from capo.errors import CapoError
-from capo.pipeline.generate import process_state
+from capo.pipeline.generate import check_device, process_state
 from capo.pipeline.rundir import RunDir, shard_files, shard_name, write_table_atomic
 from capo.rewards.base import RewardModel, available_rewards, load_reward, reward_options
 
@@ -37,7 +37,7 @@ class ScoreConfig:
     """Stage ``score``: raw scores of every sample by each reward model."""
 
     reward: list[str] = doc("reward models to score with (registry names; repeat the flag)", DEFAULT_REWARDS)
-    batch_size: int | None = doc("images per reward batch (default: the reward's own)", None)
+    batch_size: int | None = doc("images per reward batch (default: the reward's own)", None, ge=1)
     device: str = doc("device passed to rewards that take one: auto, cpu, cuda, ...", "auto")
     reward_options: dict = doc("per-reward loader options, e.g. {mps: {checkpoint: /ckpt/mps.pth}, "
                                "vqascore: {model: llava-hf/llava-1.5-13b-hf}} (docs/rewards.md)", {})
@@ -47,9 +47,8 @@ class ScoreConfig:
             raise CapoError("config key 'reward' needs at least one reward model")
         if len(set(self.reward)) != len(self.reward):
             raise CapoError(f"config key 'reward' lists a reward twice: {self.reward}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise CapoError(f"config key 'batch_size' must be >= 1, got {self.batch_size}")
         check_reward_options(self.reward_options)
+        check_device(self.device)
 
 
 def reward_meta(reward: RewardModel) -> dict[str, Any]:

@@ -28,14 +28,12 @@ from capo.pipeline.rundir import PAIRS_SCHEMA, RunDir, write_table_atomic
 class SelectConfig:
     """Stage ``select``: which samples of each prompt form the preference pairs."""
 
-    rule: str = doc("pair rule: best_worst | sum | frs", "frs")
+    rule: str = doc("pair rule", "frs", choices=PAIR_RULES)
     reward: str | None = doc("best_worst: the reward whose R_ca ranks samples (default: the first)", None)
     weights: list[float] = doc("sum: one weight per reward, in calibrated.parquet column order "
                                "(default: uniform)", [])
 
     def validate(self) -> None:
-        if self.rule not in PAIR_RULES:
-            raise CapoError(f"config key 'rule' must be one of {', '.join(PAIR_RULES)}, got '{self.rule}'")
         if self.reward is not None and self.rule != "best_worst":
             raise CapoError(f"config key 'reward' applies to rule best_worst only, not '{self.rule}'")
         if self.weights and self.rule != "sum":

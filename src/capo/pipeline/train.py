@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,6 +36,7 @@ from capo.losses import LOSSES
 from capo.models.base import DiffusionAdapter
 from capo.pipeline.checkpoint import register_lora_hooks, resume, save_checkpoint
 from capo.pipeline.generate import load_base
+from capo.pipeline.integrity import damage, write_manifest
 from capo.pipeline.preference import REFERENCES, Reference, preference_step
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.trainset import PairBatch, PairSet, StepBatches, pair_loader
@@ -57,54 +59,52 @@ LORA_FILE, FULL_FILE = "adapter_model.safetensors", "denoiser.safetensors"
 class TrainConfig:
     """Settings of ``capo train`` (YAML section ``train`` or ``--flags``)."""
 
-    run: str = doc("run directory with pairs.parquet and the generate cache", "")
-    objective: str = doc("preference objective: dpo | ipo | capo", "capo")
-    weighting: str = doc("loss weighting f(t): constant | sigmoid", "sigmoid")
+    run: str = doc("run directory with pairs.parquet and the generate cache", "", identity=False)
+    objective: str = doc("preference objective", "capo", choices=LOSSES)
+    weighting: str = doc("loss weighting f(t)", "sigmoid", choices=WEIGHTINGS)
     sigmoid_bias: float = doc("bias b of the sigmoid weighting w(lambda) = sigmoid(-lambda + b)", 1.5)
     normalize_weighting: bool = doc("divide f(t) by its mean E_t f under the model's training t "
                                     "(so beta means the same for every weighting and family; "
                                     "false: the paper's f, docs/objectives.md)", True)
-    beta: float = doc("beta, the scale of the implicit reward difference", 1000.0)
+    beta: float = doc("beta, the scale of the implicit reward difference", 1000.0, gt=0)
     lora: bool = doc("train LoRA adapters (false: fine-tune the full denoiser)", True)
-    lora_rank: int = doc("LoRA rank r", 8)
-    lora_alpha: float = doc("LoRA alpha (update scale alpha / r)", 8.0)
-    lora_init: str = doc("LoRA init: gaussian | default (B = 0 in both)", "gaussian")
-    learning_rate: float = doc("AdamW learning rate", 1e-4)
-    weight_decay: float = doc("AdamW weight decay", 0.0)
-    adam_epsilon: float = doc("AdamW epsilon", 1e-8)
-    warmup_steps: int = doc("linear learning-rate warm-up steps", 0)
-    lr_schedule: str = doc("learning-rate schedule after warm-up: constant | cosine | linear", "constant")
-    max_steps: int = doc("optimizer steps", 1000)
-    batch_size: int = doc("global pairs per optimizer step (all processes, all micro-batches)", 8)
-    grad_accum: int = doc("micro-batches per optimizer step on each process", 1)
-    max_grad_norm: float = doc("clip the gradient norm to this (0: no clipping)", 1.0)
-    mixed_precision: str = doc("no | bf16 | fp16 (applied on CUDA only; CPU trains in fp32)", "no")
-    seed: int = doc("seed of the pair stream, t, noise and LoRA init", 0)
-    checkpoint_every: int = doc("save a resumable checkpoint every K steps (0: never)", 500)
-    keep_checkpoints: int = doc("number of newest checkpoints kept", 2)
-    resume: bool = doc("continue from the newest checkpoint in RUN/checkpoints", False)
+    lora_rank: int = doc("LoRA rank r", 8, ge=1)
+    lora_alpha: float = doc("LoRA alpha (update scale alpha / r)", 8.0, gt=0)
+    lora_init: str = doc("LoRA init (B = 0 in both)", "gaussian", choices=LORA_INITS)
+    learning_rate: float = doc("AdamW learning rate", 1e-4, gt=0)
+    weight_decay: float = doc("AdamW weight decay", 0.0, ge=0)
+    adam_epsilon: float = doc("AdamW epsilon", 1e-8, gt=0)
+    warmup_steps: int = doc("linear learning-rate warm-up steps (<= max_steps)", 0, ge=0)
+    lr_schedule: str = doc("learning-rate schedule after warm-up", "constant", choices=LR_SCHEDULES)
+    max_steps: int = doc("optimizer steps", 1000, ge=1)
+    batch_size: int = doc("global pairs per optimizer step (all processes, all micro-batches)", 8, ge=1)
+    grad_accum: int = doc("micro-batches per optimizer step on each process", 1, ge=1)
+    max_grad_norm: float = doc("clip the gradient norm to this (0: no clipping)", 1.0, ge=0)
+    mixed_precision: str = doc("mixed precision (applied on CUDA only; CPU trains in fp32)", "no",
+                               choices=WEIGHT_DTYPES)
+    seed: int = doc("seed of the pair stream, t, noise and LoRA init", 0, ge=0)
+    checkpoint_every: int = doc("save a resumable checkpoint every K steps (0: never)", 500, ge=0,
+                                identity=False)
+    keep_checkpoints: int = doc("number of newest checkpoints kept", 2, ge=1, identity=False)
+    resume: bool = doc("continue from the newest checkpoint in RUN/checkpoints", False, identity=False)
     share_noise: bool = doc("one noise for x+ and x- (as Diffusion-DPO) instead of two", False)
-    t_min: float | None = doc("override the smallest training t of the schedule", None)
-    t_max: float | None = doc("override the largest training t of the schedule", None)
-    log_with: str = doc("metrics tracker: tensorboard | wandb | none", "tensorboard")
+    t_min: float | None = doc("override the smallest training t of the schedule (< t_max)", None, ge=0)
+    t_max: float | None = doc("override the largest training t of the schedule (> t_min)", None, ge=0)
+    log_with: str = doc("metrics tracker", "tensorboard", choices=TRACKERS, identity=False)
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", False)
-    loader_workers: int = doc("DataLoader processes assembling the pairs (0: the training process)", 2)
-    loader_prefetch: int = doc("batches each loader worker keeps ready", 2)
+    loader_workers: int = doc("DataLoader processes assembling the pairs (0: the training process)", 2,
+                              ge=0, identity=False)
+    loader_prefetch: int = doc("batches each loader worker keeps ready", 2, ge=1, identity=False)
 
     def validate(self) -> None:
-        tables = {"objective": LOSSES, "weighting": WEIGHTINGS, "lr_schedule": LR_SCHEDULES,
-                  "lora_init": LORA_INITS, "log_with": TRACKERS, "mixed_precision": WEIGHT_DTYPES}
-        for key, table in tables.items():
-            if getattr(self, key) not in table:
-                raise CapoError(f"train: unknown {key} '{getattr(self, key)}' (known: {', '.join(table)})")
+        """Cross-field checks (each field's own range is declared in ``doc()`` above)."""
         if not self.run:
             raise CapoError("train: --run is required")
-        if min(self.max_steps, self.batch_size, self.grad_accum, self.lora_rank) < 1:
-            raise CapoError("train: max_steps, batch_size, grad_accum and lora_rank must be >= 1")
-        if min(self.seed, self.checkpoint_every, self.keep_checkpoints, self.warmup_steps) < 0:
-            raise CapoError("train: seed, checkpoint_every, keep_checkpoints and warmup_steps must be >= 0")
-        if self.loader_workers < 0 or self.loader_prefetch < 1:
-            raise CapoError("train: loader_workers must be >= 0 and loader_prefetch >= 1")
+        if self.warmup_steps > self.max_steps:
+            raise CapoError(f"config key 'warmup_steps' ({self.warmup_steps}) must be <= max_steps "
+                            f"({self.max_steps})")
+        if self.t_min is not None and self.t_max is not None and self.t_min >= self.t_max:
+            raise CapoError(f"config key 't_min' ({self.t_min}) must be < t_max ({self.t_max})")
         if self.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
             raise CapoError("train: log_with 'wandb' but wandb is not installed")
 
@@ -197,11 +197,33 @@ def optimizer_step(tr: Trainer, step: int, batch: PairBatch | None = None) -> di
         totals = {k: totals.get(k, 0) + v / cfg.grad_accum for k, v in metrics.items()}
     grad_norm = acc.clip_grad_norm_(tr.params, cfg.max_grad_norm or math.inf)
     lr = tr.scheduler.get_last_lr()[0]
+    reduced = acc.reduce(torch.stack(list(totals.values())), "mean").tolist()
+    metrics = {**dict(zip(totals, reduced, strict=True)), "grad_norm": float(grad_norm), "lr": lr}
+    check_finite_step(step, metrics)  # before the update: the weights stay finite
     tr.optimizer.step()
     tr.scheduler.step()
     tr.optimizer.zero_grad(set_to_none=True)
-    reduced = acc.reduce(torch.stack(list(totals.values())), "mean").tolist()
-    return {**dict(zip(totals, reduced, strict=True)), "grad_norm": float(grad_norm), "lr": lr}
+    return metrics
+
+
+#: settings that most often make a loss or gradient overflow, named in the error
+LIKELY_SETTINGS = "beta, learning_rate, sigmoid_bias, mixed_precision or the data (latents, embeddings)"
+
+
+def check_finite_step(step: int, metrics: dict[str, float]) -> None:
+    """A non-finite loss or gradient norm stops training before the update, naming the step."""
+    for key in ("loss", "grad_norm"):
+        if not math.isfinite(metrics[key]):
+            raise CapoError(f"train: step {step + 1}: {key} is {metrics[key]}; nothing was updated or "
+                            f"saved at this step (check {LIKELY_SETTINGS})")
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    """Non-finite trained weights are never saved (nor loaded: apply_trained checks them too)."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CapoError(f"tensor '{bad}' holds non-finite values (NaN or inf); the model is broken "
+                        f"(check {LIKELY_SETTINGS})", path=where)
 
 
 def save_model(tr: Trainer, summary: dict[str, Any]) -> None:
@@ -216,12 +238,15 @@ def save_model(tr: Trainer, summary: dict[str, Any]) -> None:
         tmp = final.with_name(".model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        lora = get_peft_model_state_dict(denoiser, state_dict=state) if tr.config.lora else None
+        weights = _contiguous(state if lora is None else lora)
+        check_finite_weights(weights, str(final))
+        save_file(weights, tmp / (LORA_FILE if tr.config.lora else FULL_FILE))
         if tr.config.lora:
-            save_file(_contiguous(get_peft_model_state_dict(denoiser, state_dict=state)), tmp / LORA_FILE)
             denoiser.peft_config["default"].save_pretrained(str(tmp))
-        else:
-            save_file(_contiguous(state), tmp / FULL_FILE)
+        # the summary holds the config: the model and the record describing it appear in one rename
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         tr.run.save_config("train", dataclasses.asdict(tr.config))
@@ -264,14 +289,14 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _apply_lora(denoiser: nn.Module, model_dir: Path) -> None:
     denoiser.add_adapter(LoraConfig.from_pretrained(str(model_dir)))
     device = str(next(denoiser.parameters()).device)
-    result = set_peft_model_state_dict(denoiser, load_file(model_dir / LORA_FILE, device=device))
+    result = set_peft_model_state_dict(denoiser, load_weights(model_dir / LORA_FILE, device))
     if getattr(result, "unexpected_keys", None):
         raise CapoError(f"unexpected LoRA key '{result.unexpected_keys[0]}'", path=str(model_dir / LORA_FILE))
 
 
 def _apply_full(denoiser: nn.Module, model_dir: Path) -> None:
     device = str(next(denoiser.parameters()).device)
-    denoiser.load_state_dict(load_file(model_dir / FULL_FILE, device=device))
+    denoiser.load_state_dict(load_weights(model_dir / FULL_FILE, device))
 
 
 #: weights file in RUN/model -> how to load it into a fresh base denoiser
@@ -279,10 +304,24 @@ APPLIERS = {LORA_FILE: _apply_lora, FULL_FILE: _apply_full}
 
 
 def _weights_file(model_dir: str | os.PathLike) -> Path:
+    """The weights file of a trained model directory, verified against its manifest."""
     found = [Path(model_dir) / n for n in APPLIERS if (Path(model_dir) / n).is_file()]
     if not found:
         raise CapoError(f"no {LORA_FILE} or {FULL_FILE}; run `capo train` first", path=str(model_dir))
+    problem = damage(Path(model_dir))
+    if problem is not None:
+        raise CapoError(f"damaged ({problem}); remove it and rerun `capo train`", path=str(model_dir))
     return found[0]
+
+
+def load_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file as tensors; an unreadable or non-finite file is a one-line error."""
+    try:
+        state = load_file(path, device=device)
+    except (OSError, SafetensorError) as e:
+        raise CapoError(f"unreadable safetensors file ({str(e)[:160]})", path=str(path)) from None
+    check_finite_weights(state, str(path))
+    return state
 
 
 def apply_trained(adapter: DiffusionAdapter, model_dir: str | os.PathLike) -> DiffusionAdapter:
@@ -294,7 +333,7 @@ def apply_trained(adapter: DiffusionAdapter, model_dir: str | os.PathLike) -> Di
 
 def trained_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The saved tensors of RUN/model: peft LoRA keys (lora_A / lora_B) or the full denoiser."""
-    return load_file(_weights_file(model_dir))
+    return load_weights(_weights_file(model_dir))
 
 
 def register(subparsers: Any) -> None:
