@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "capo.pipeline.train:register",
     "evaluate": "capo.pipeline.commands:register_evaluate",
     "run": "capo.pipeline.run:register",
+    "verify": "capo.pipeline.verify:register",
     "experiment": "capo.experiments.runner:register",
     "sweep": "capo.experiments.sweep:register",
     "report": "capo.report.html:register",

@@ -101,11 +101,24 @@ def reward_logits(run: RunDir, name: str, table: Table) -> np.ndarray:
     return sign * bt_logits(raw, meta["bt_scale"], meta["transform"])
 
 
+def check_scoring_complete(run: RunDir, names: list[str] | None) -> None:
+    """Refuse to calibrate while a reward's scoring is unfinished (``names`` None: every reward
+    that score started, i.e. with parts or listed in the run's score settings)."""
+    started = sorted(p.name.removesuffix(".parts") for p in run.rewards_dir.glob("*.parts"))
+    started += run.load_config().get("score", {}).get("reward", [])
+    unfinished = [n for n in dict.fromkeys(started) if (names is None or n in names)
+                  and not run.reward_path(n).is_file()]
+    if unfinished:
+        raise CapoError(f"reward '{unfinished[0]}' is not completely scored; rerun `capo score` (it "
+                        "resumes) before calibrating", path=str(run.rewards_dir))
+
+
 def calibrate_run(run: RunDir, cfg: CalibrateConfig) -> dict[str, float]:
     """Write calibrated.parquet; returns summary figures (prompts, samples, rewards)."""
     names = cfg.reward or run.reward_names()
     if not names:
         raise CapoError("no reward scores; run `capo score` first", path=str(run.rewards_dir))
+    check_scoring_complete(run, names if cfg.reward else None)
     table = sample_table(run)
     check_counts(table, run)
     R_ca = np.stack([calibrate(reward_logits(run, name, table), table.mask) for name in names], axis=2)

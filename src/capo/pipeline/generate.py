@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from capo.pipeline.rundir import (
     samples_table,
     shard_files,
     shard_name,
+    shard_rows,
     write_table_atomic,
 )
 
@@ -185,12 +187,35 @@ def _generate_chunk(adapter: DiffusionAdapter, cfg: GenerateConfig, prompts: Seq
         batch_emb = {k: v[torch.tensor(idx, device=v.device)] for k, v in emb.items()}
         out = adapter.sample([texts[i] for i in idx], seeds[b : b + cfg.batch_size], cfg.steps,
                              cfg.guidance, emb=batch_emb)
+        check_finite_latents(out.latents, prompts[idx[0]].prompt_id, cfg)
         latents.append(out.latents.detach().cpu())
         pngs += [png_bytes(im) for im in out.images]
         bar.update(len(idx))
     ids = [prompts[i].prompt_id for i, _ in rows]
     table = samples_table(ids, [s for _, s in rows], seeds, pngs, torch.cat(latents))
     return emb, table
+
+
+def check_finite_latents(latents: torch.Tensor, prompt_id: str, cfg: GenerateConfig) -> None:
+    """NaN or inf latents (black images) stop generate before anything is written."""
+    if not torch.isfinite(latents).all():
+        raise CapoError(f"generate: non-finite latents in the batch of prompt {prompt_id} (check guidance "
+                        f"{cfg.guidance}, steps {cfg.steps}, dtype {cfg.dtype})")
+
+
+def intact_chunks(run: RunDir, chunks: list[range], mine: list[int], cfg: GenerateConfig) -> set[int]:
+    """Chunks of ``mine`` whose embeddings and samples shards are whole (footer readable, the
+    expected rows); a damaged shard is removed, so its chunk is generated again."""
+    samples, embeddings = run.sample_shards(), shard_files(run.embeddings_dir)
+    done = set()
+    for c in (c for c in mine if c in samples and c in embeddings):
+        want = {samples[c]: len(chunks[c]) * cfg.samples_per_prompt, embeddings[c]: len(chunks[c])}
+        bad = [p for p, rows in want.items() if shard_rows(p) != rows]
+        for p in bad:
+            print(f"capo generate: {p}: damaged or incomplete; generating chunk {c} again", file=sys.stderr)
+            p.unlink()
+        done |= set() if bad else {c}
+    return done
 
 
 def generate(run: RunDir, cfg: GenerateConfig) -> GenerateReport:
@@ -205,7 +230,7 @@ def generate(run: RunDir, cfg: GenerateConfig) -> GenerateReport:
         run.save_config("generate", to_dict(cfg))
     chunks = chunks_of(len(prompts), cfg.chunk_size)
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
-    done = set(run.sample_shards()) & set(shard_files(run.embeddings_dir))
+    done = intact_chunks(run, chunks, mine, cfg)
     todo = [c for c in mine if c not in done]
     written = 0
     if todo:

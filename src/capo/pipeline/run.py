@@ -12,7 +12,10 @@ RUN/config.yaml and the results table is printed at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +185,8 @@ def _run_train(run: RunDir, cfg: Any, dirty: bool) -> bool:
     from capo.pipeline.train import train
 
     fresh = _changed_key(saved_settings(run, "train"), cfg) is None
+    if run.model_dir.is_dir() and not model_intact(run):
+        shutil.rmtree(run.model_dir)  # damaged: trained again (from the newest intact checkpoint)
     if run.model_dir.is_dir():
         if fresh and not dirty:
             return False
@@ -195,6 +200,17 @@ def _run_train(run: RunDir, cfg: Any, dirty: bool) -> bool:
     return True
 
 
+def model_intact(run: RunDir) -> bool:
+    """Whether RUN/model matches its manifest; a damaged one is reported on stderr."""
+    from capo.pipeline.integrity import damage
+
+    problem = damage(run.model_dir) or (None if (run.model_dir / "train_summary.json").is_file()
+                                        else "train_summary.json: missing")
+    if problem is not None:
+        print(f"capo run: {run.model_dir}: damaged ({problem}); training it again", file=sys.stderr)
+    return problem is None
+
+
 def _generate(run: RunDir, cfg: GenerateConfig, dirty: bool) -> bool:
     return generate(run, cfg).written > 0  # resumes by itself: skips finished chunks
 
@@ -204,16 +220,23 @@ def _score(run: RunDir, cfg: ScoreConfig, dirty: bool) -> bool:
 
 
 def _derived(name: str, fn: Callable[[RunDir, Any], Any], output: Callable[[RunDir], Path]):
-    """A stage that reruns unless its output exists with the same settings and nothing upstream changed."""
+    """A stage that reruns unless its output exists with the same settings and nothing upstream
+    changed; it changed something if its output's bytes changed (a repaired input that gives the
+    same output leaves the later stages up to date)."""
 
     def step(run: RunDir, cfg: Any, dirty: bool) -> bool:
         same = _changed_key(run.load_config().get(name), cfg) is None
         if not dirty and output(run).exists() and same:
             return False
+        before = _sha256(output(run))
         fn(run, cfg)
-        return True
+        return _sha256(output(run)) != before
 
     return step
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 #: stage -> runner(run, stage config, upstream changed) -> whether it changed anything
@@ -227,6 +250,8 @@ RUNNERS: dict[str, Callable[[RunDir, Any, bool], bool]] = {
 }
 
 
+#: stages whose output is recomputed whole from their inputs: after them, only their own change counts
+RECOMPUTED = ("calibrate", "select", "evaluate")
 #: stages that run in one process; under torchrun / accelerate launch the others wait for it
 MAIN_ONLY = ("calibrate", "select", "evaluate")
 
@@ -269,7 +294,7 @@ def run_pipeline(
         began = time.time()
         step = partial(RUNNERS[name], run, stages[name], dirty)
         changed = on_main_process(state, step) if name in MAIN_ONLY else step()
-        dirty = dirty or changed
+        dirty = changed if name in RECOMPUTED else dirty or changed
         log(f"[capo run] {name}: {'done' if changed else 'up to date'} ({time.time() - began:.1f} s)")
     if state.is_main_process:
         run.save_config("run", {"run": cfg.run, "stages": list(cfg.stages), "threads": cfg.threads})

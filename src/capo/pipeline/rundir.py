@@ -97,11 +97,19 @@ def shard_files(directory: Path) -> dict[int, Path]:
     return found
 
 
+def shard_rows(path: Path) -> int | None:
+    """Rows recorded in a Parquet file's footer; None if the footer is unreadable (truncated)."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, write_page_checksum=True)  # a CRC per page: `capo verify` checks them
     os.replace(tmp, path)
 
 
@@ -116,11 +124,22 @@ def read_table(path: Path, what: str, stage: str, columns: Sequence[str] | None 
     """Read one Parquet file; a missing file names the stage that writes it."""
     if not path.is_file():
         raise CapoError(f"no {what}; run `capo {stage}` first", path=str(path))
-    table = pq.read_table(path)
+    table = read_parquet(path)
     missing = [c for c in (columns or ()) if c not in table.column_names]
     if missing:
         raise CapoError(f"missing column '{missing[0]}' (file from an incompatible stage?)", path=str(path))
     return table
+
+
+def read_parquet(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """``pq.read_table``; a damaged file (truncated, not Parquet) is a one-line error naming it."""
+    try:
+        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except (OSError, pa.ArrowException) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CapoError(f"damaged Parquet file ({str(e).splitlines()[0][:120]}); `capo verify --run RUN` "
+                        "names the command that rewrites it", path=str(path)) from None
 
 
 def encode_latents(latents: torch.Tensor) -> tuple[list[bytes], list[int], str]:
@@ -213,7 +232,11 @@ class RunDir:
     def load_config(self) -> dict[str, Any]:
         if not self.config_path.is_file():
             return {}
-        return yaml.safe_load(self.config_path.read_text()) or {}
+        try:
+            return yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise CapoError("unreadable run record (not YAML); restore or remove it",
+                            path=str(self.config_path)) from None
 
     def write_base_model(self, spec: dict[str, Any]) -> None:
         """Record the base model (keys: model, family, path, options) for later stages."""
@@ -240,7 +263,7 @@ class RunDir:
         if not shards:
             raise CapoError("no samples; run `capo generate` first", path=str(self.samples_dir))
         cols = list(columns) if columns is not None else None
-        tables = [pq.read_table(shards[c], columns=cols) for c in sorted(shards)]
+        tables = [read_parquet(shards[c], cols) for c in sorted(shards)]
         return pa.concat_tables(tables)
 
     def read_latents(
@@ -252,7 +275,7 @@ class RunDir:
         cols = ["prompt_id", "sample_idx", "latent", "latent_shape", "latent_dtype"]
         shards = self.sample_shards()
         for chunk in sorted(shards):
-            t = pq.read_table(shards[chunk], columns=cols).to_pydict()
+            t = read_parquet(shards[chunk], cols).to_pydict()
             for pid, idx, raw, shape, dtype in zip(*(t[c] for c in cols), strict=True):
                 if wanted is None or (pid, idx) in wanted:
                     out[(pid, idx)] = decode_latent(raw, shape, dtype)
@@ -271,7 +294,7 @@ class RunDir:
             raise CapoError("no cached embeddings; run `capo generate` first", path=str(self.embeddings_dir))
         out: dict[str, dict[str, torch.Tensor]] = {}
         for chunk in sorted(shards):
-            t = pq.read_table(shards[chunk]).to_pydict()
+            t = read_parquet(shards[chunk]).to_pydict()
             for pid, blob in zip(t["prompt_id"], t["embeddings"], strict=True):
                 if wanted is None or pid in wanted:
                     out[pid] = st_load(blob)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from capo.config import doc, to_dict
 from capo.errors import CapoError
 from capo.pipeline.generate import check_device, process_state
-from capo.pipeline.rundir import RunDir, shard_files, shard_name, write_table_atomic
+from capo.pipeline.rundir import RunDir, shard_files, shard_name, shard_rows, write_table_atomic
 from capo.rewards.base import RewardModel, available_rewards, load_reward, reward_options
 
 DEFAULT_REWARDS = ["shapes-alignment", "shapes-aesthetic", "shapes-preference"]
@@ -112,6 +113,22 @@ def load_scorer(name: str, cfg: ScoreConfig) -> RewardModel:
     return reward
 
 
+def _whole(path: Path, rows: int | None, state: Any = None) -> bool:
+    """Whether a score file holds its expected rows; a damaged one is removed and scored again
+    (a shared file by the main process once every rank has looked at it; ``state`` None: a part
+    of this rank's own chunk)."""
+    if shard_rows(path) == rows:
+        return True
+    if state is not None:
+        state.wait_for_everyone()
+    if (state is None or state.is_main_process) and path.is_file():
+        print(f"capo score: {path}: damaged or incomplete; scoring it again", file=sys.stderr)
+        path.unlink()
+    if state is not None:
+        state.wait_for_everyone()
+    return False
+
+
 def _merge(run: RunDir, name: str, parts_dir: Path, n_chunks: int) -> None:
     parts = shard_files(parts_dir)
     if len(parts) != n_chunks:
@@ -130,13 +147,15 @@ def score(run: RunDir, cfg: ScoreConfig) -> dict[str, int]:
     shards = check_complete(run)
     prompts = dict(zip(*run.read_prompts().select(["prompt_id", "prompt"]).to_pydict().values(), strict=True))
     mine = [c for c in sorted(shards) if c % state.num_processes == state.process_index]
+    rows = {c: shard_rows(shards[c]) for c in shards}
     counts: dict[str, int] = {}
     for name in cfg.reward:
         counts[name] = 0
         parts_dir = run.rewards_dir / f"{name}.parts"
-        if run.reward_path(name).is_file():
+        if run.reward_path(name).is_file() and _whole(run.reward_path(name), sum(rows.values()), state):
             continue
-        todo = [c for c in mine if c not in shard_files(parts_dir)]
+        parts = shard_files(parts_dir)
+        todo = [c for c in mine if c not in parts or not _whole(parts[c], rows[c])]
         reward = load_scorer(name, cfg) if todo else None
         for c in tqdm(todo, desc=f"score {name}", unit="chunk", disable=not state.is_local_main_process):
             table = score_shard(reward, shards[c], prompts)
