@@ -116,7 +116,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, tiny_config,
 
 @pytest.mark.slow
 def test_run_under_torchrun_two_processes(tmp_path, tiny_config):
-    """generate, score and train split over 2 processes; calibrate, select and evaluate run once."""
+    """generate, score, train and evaluate split over 2 processes; calibrate and select run once."""
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not installed")
     run = tmp_path / "run"

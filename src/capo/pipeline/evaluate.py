@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from capo import stats
-from capo.config import doc, to_dict
+from capo.config import doc
 from capo.errors import CapoError
 from capo.models.base import DiffusionAdapter
 from capo.pipeline.generate import DTYPES, check_device, load_base, resolve_device, sample_seed
@@ -57,6 +57,8 @@ class EvaluateConfig:
     steps: int | None = doc("sampling steps (default: the run's generate setting)", None, ge=1)
     guidance: float | None = doc("guidance scale (default: the run's generate setting)", None, ge=0)
     batch_size: int = doc("samples per forward pass", 64, ge=1)
+    chunk_size: int = doc("prompts per chunk: chunks go round-robin to the processes of a launcher", 64,
+                          ge=1)
     n_boot: int = doc("bootstrap replicates of the win-rate interval", 1000, ge=1)
     grid_prompts: int = doc("prompts shown in eval/grid.png (first seed)", 8, ge=0)
     device: str = doc("device: auto, cpu, cuda, ...", "auto")
@@ -256,7 +258,9 @@ def with_score_options(run: RunDir, cfg: EvaluateConfig) -> EvaluateConfig:
 
 
 def evaluate(run: RunDir, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Write eval/results.json, results.md, scores.csv, grid.png; returns the results dict."""
+    """Write eval/results.json, results.md, scores.csv, grid.png; returns the results dict. Under
+    torchrun / accelerate launch the prompt chunks are split over the processes
+    (``capo.pipeline.evalshard``)."""
     run.read_base_model()  # a run without `capo generate` is refused first
     tuned_dir = Path(cfg.tuned) if cfg.tuned else run.model_dir
     if not tuned_dir.is_dir():
@@ -264,18 +268,9 @@ def evaluate(run: RunDir, cfg: EvaluateConfig) -> dict[str, Any]:
     cfg = with_score_options(run, cfg)
     scored = run.load_config().get("score", {}).get("reward")
     names = cfg.reward or scored or run.reward_names() or DEFAULT_REWARDS
-    ev = Evaluation.of(run, cfg, list(names))
-    adapter = ev.load_model()
-    base = ev.sample(adapter, "evaluate base")
-    from capo.pipeline.train import apply_trained
+    from capo.pipeline.evalshard import evaluate_sharded
 
-    apply_trained(adapter, tuned_dir).denoiser.eval()
-    tuned = ev.sample(adapter, "evaluate tuned")
-    del adapter
-    scores = ev.score({"base": base, "tuned": tuned})
-    results = ev.write(run, (base, tuned), scores["base"], scores["tuned"])
-    run.save_config("evaluate", to_dict(cfg))
-    return results
+    return evaluate_sharded(run, Evaluation.of(run, cfg, list(names)), tuned_dir)
 
 
 def results_markdown(results: dict[str, Any]) -> str:

@@ -239,6 +239,22 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _evaluate(run: RunDir, cfg: EvaluateConfig, dirty: bool) -> bool:
+    """As ``_derived``, but every process evaluates its prompt chunks (capo.pipeline.evalshard);
+    the main process decides whether eval/ is up to date."""
+    output = run.eval_dir / "results.json"
+
+    def current() -> bool:
+        same = _changed_key(run.load_config().get("evaluate"), cfg) is None
+        return not dirty and output.exists() and same
+
+    if on_main_process(process_state(), current):
+        return False
+    before = _sha256(output)
+    evaluate(run, cfg)
+    return _sha256(output) != before
+
+
 #: stage -> runner(run, stage config, upstream changed) -> whether it changed anything
 RUNNERS: dict[str, Callable[[RunDir, Any, bool], bool]] = {
     "generate": _generate,
@@ -246,14 +262,14 @@ RUNNERS: dict[str, Callable[[RunDir, Any, bool], bool]] = {
     "calibrate": _derived("calibrate", calibrate_run, lambda run: run.calibrated_path),
     "select": _derived("select", select_pairs, lambda run: run.pairs_path),
     "train": _run_train,
-    "evaluate": _derived("evaluate", evaluate, lambda run: run.eval_dir / "results.json"),
+    "evaluate": _evaluate,
 }
 
 
 #: stages whose output is recomputed whole from their inputs: after them, only their own change counts
 RECOMPUTED = ("calibrate", "select", "evaluate")
 #: stages that run in one process; under torchrun / accelerate launch the others wait for it
-MAIN_ONLY = ("calibrate", "select", "evaluate")
+MAIN_ONLY = ("calibrate", "select")
 
 
 def on_main_process(state: Any, fn: Callable[[], Any]) -> Any:
@@ -281,8 +297,8 @@ def run_pipeline(
     cfg: RunConfig, stages: dict[str, Any], log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run the configured stages in order (resuming); returns eval/results.json's content (or {}).
-    Under a multi-process launcher, generate, score and train split their work over the processes;
-    calibrate, select and evaluate run on the main process while the others wait."""
+    Under a multi-process launcher, generate, score, train and evaluate split their work over the
+    processes; calibrate and select run on the main process while the others wait."""
     run = RunDir.at(cfg.run)
     preflight(run, cfg, stages)
     if cfg.threads is not None:
