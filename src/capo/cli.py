@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "capo.experiments.sweep:register",
     "report": "capo.report.html:register",
     "shapes": "capo.shapes.pretrain:register",
+    "export": "capo.export:register",
 }
 
 #: commands that write RUN and so hold its lock while they run

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from capo.config import add_arguments, build, doc
 from capo.errors import CapoError
 from capo.losses import LOSSES
-from capo.models.base import DiffusionAdapter
+from capo.models.base import SHAPES_MARKER, DiffusionAdapter
 from capo.pipeline.checkpoint import register_lora_hooks, resume, save_checkpoint
 from capo.pipeline.generate import load_base
 from capo.pipeline.integrity import damage, write_manifest
@@ -53,6 +53,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
 #: mixed precision -> dtype of the frozen base weights under LoRA (trainable weights stay fp32)
 WEIGHT_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 LORA_FILE, FULL_FILE = "adapter_model.safetensors", "denoiser.safetensors"
+SHAPES_WEIGHTS = "model.safetensors"  # beside capo_shapes.json in a saved shapes model
 
 
 @dataclass
@@ -299,8 +300,15 @@ def _apply_full(denoiser: nn.Module, model_dir: Path) -> None:
     denoiser.load_state_dict(load_weights(model_dir / FULL_FILE, device))
 
 
-#: weights file in RUN/model -> how to load it into a fresh base denoiser
-APPLIERS = {LORA_FILE: _apply_lora, FULL_FILE: _apply_full}
+def _apply_shapes(denoiser: nn.Module, model_dir: Path) -> None:
+    """A saved shapes model (``capo export --format merged`` of a shapes run): its ``unet.*`` tensors."""
+    device = str(next(denoiser.parameters()).device)
+    state = load_file(model_dir / SHAPES_WEIGHTS, device=device)
+    denoiser.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
+
+
+#: weights file in RUN/model (or a tuned model dir) -> how to load it into a fresh base denoiser
+APPLIERS = {LORA_FILE: _apply_lora, FULL_FILE: _apply_full, SHAPES_MARKER: _apply_shapes}
 
 
 def _weights_file(model_dir: str | os.PathLike) -> Path:
