@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from capo.pipeline.generate import load_base, model_spec
+from capo.pipeline.integrity import write_manifest
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.train import FULL_FILE, LORA_FILE, TrainConfig
 
@@ -90,4 +91,5 @@ def write_run(root: Path, model: str, options: dict | None = None, lora: bool = 
         save_file({k: v.contiguous() for k, v in state.items()}, run.model_dir / FULL_FILE)
     summary = {"steps": cfg.max_steps, "config": dataclasses.asdict(cfg)}
     (run.model_dir / "train_summary.json").write_text(json.dumps(summary))
+    write_manifest(run.model_dir)  # as save_model does
     return run

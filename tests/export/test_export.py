@@ -14,10 +14,12 @@ from diffusers import DiffusionPipeline
 from test_families import capo_latents, diffusers_latents
 
 from capo.cli import main
+from capo.config import from_dict
 from capo.errors import CapoError
 from capo.export import ExportConfig, export
 from capo.models.base import detect_family, load_model
 from capo.pipeline.generate import load_base
+from capo.pipeline.integrity import write_manifest
 from capo.pipeline.prompts import load_prompts
 from capo.pipeline.train import LORA_FILE, apply_trained
 from conftest import write_run
@@ -73,6 +75,7 @@ def test_soup_exports_merged(tiny_models, tmp_path):
     (run.model_dir / "train_summary.json").unlink()
     soup = {"method": "slerp", "members": [str(m) for m in members]}
     (run.model_dir / "soup.json").write_text(json.dumps(soup))
+    write_manifest(run.model_dir)
     assert _export(run, tmp_path / "lora", "--format", "lora") == 2
     assert not (tmp_path / "lora").exists()
     report = export(ExportConfig(run=str(run.root), out=str(tmp_path / "out")))
@@ -88,9 +91,15 @@ def _corrupt(run):
     (run.model_dir / LORA_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
 
 
+def _corrupt_without_manifest(run):  # a model/ written before capo kept manifests
+    (run.model_dir / "manifest.json").unlink()
+    _corrupt(run)
+
+
 def _mismatched(run):
     path = run.model_dir / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "r": 2}))
+    write_manifest(run.model_dir)  # consistent files, but r does not match the weights
 
 
 def _no_model(run):
@@ -107,7 +116,8 @@ def _no_base_model(run):
     run.base_model_path.unlink()
 
 
-@pytest.mark.parametrize("damage", [_corrupt, _mismatched, _no_model, _no_weights, _no_base_model])
+@pytest.mark.parametrize("damage", [_corrupt, _corrupt_without_manifest, _mismatched, _no_model, _no_weights,
+                                    _no_base_model])
 def test_bad_run_is_one_line_and_writes_nothing(damage, tmp_path, capsys):
     run = write_run(tmp_path / "run", "shapes-vp")
     damage(run)
@@ -128,8 +138,8 @@ def test_out_rules(shapes_run, tmp_path, capsys):
     assert _export(shapes_run, out, "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / LORA_FILE).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left
-    with pytest.raises(CapoError, match="unknown format"):
-        ExportConfig(run="r", out="o", format="ckpt").validate()
+    with pytest.raises(CapoError, match="format"):
+        from_dict(ExportConfig, {"run": "r", "out": "o", "format": "ckpt"})
 
 
 class FakeHub:

@@ -68,22 +68,18 @@ class ExportConfig:
 
     run: str = doc("run directory with model/ (capo train, or a soup cell of capo experiment)", "")
     out: str = doc("output directory (must be absent or empty unless --overwrite)", "")
-    format: str = doc("auto | lora | merged (auto: lora for a LoRA run, merged for a full "
-                      "fine-tune or a soup)", "auto")
-    dtype: str = doc("dtype the base model is loaded, merged and saved in: float32 | float16 | "
-                     "bfloat16", "float32")
+    format: str = doc("what to write (auto: lora for a LoRA run, merged for a full fine-tune or a "
+                      "soup)", "auto", choices=FORMATS)
+    dtype: str = doc("dtype the base model is loaded, merged and saved in", "float32", choices=DTYPES)
     device: str = doc("device the model is loaded and merged on: cpu, cuda, ...", "cpu")
     overwrite: bool = doc("replace an existing, non-empty OUT", False)
     push_to_hub: str | None = doc("then upload OUT to this Hugging Face Hub model repo", None)
     private: bool = doc("create the hub repo private (with --push-to-hub)", False)
 
     def validate(self) -> None:
+        """Cross-field checks (each field's own choices are declared in ``doc()`` above)."""
         if not self.run or not self.out:
             raise CapoError("export: --run and --out are required")
-        if self.format not in FORMATS:
-            raise CapoError(f"export: unknown format '{self.format}' (known: {', '.join(FORMATS)})")
-        if self.dtype not in DTYPES:
-            raise CapoError(f"export: unknown dtype '{self.dtype}' (known: {', '.join(DTYPES)})")
 
 
 @dataclass
@@ -116,7 +112,7 @@ def load_tuned(spec: dict[str, Any], model_dir: Path, kind: str, fmt: str,
         apply_trained(adapter, model_dir)
         saved = trained_state_dict(model_dir)
     except LOAD_ERRORS as e:
-        problem = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        problem = " ".join(str(e).split())[:240]  # one line, not a whole state dict report
         raise CapoError(f"cannot load the tuned weights ({type(e).__name__}: {problem})",
                         path=str(model_dir)) from None
     denoiser = adapter.denoiser.eval()
