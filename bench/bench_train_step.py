@@ -77,8 +77,9 @@ def floor_fn(tr: Trainer) -> Callable[[], None]:
     """One policy forward+backward and one no-grad reference forward on a fixed [2B] batch."""
     b = tr.data.batch(0, 0, tr.config.batch_size, 0, 1, tr.adapter.schedule.sample_t)
     b = b.to(tr.accelerator.device)
-    t = torch.cat([b.t, b.t])
-    x_t = add_noise(torch.cat([b.x_pos, b.x_neg]), torch.cat([b.eps_pos, b.eps_neg]), t, tr.adapter.schedule)
+    t = torch.cat([b.t[:, 0], b.t[:, 0]])  # the first (t, noise) draw of each pair
+    x_t = add_noise(torch.cat([b.x_pos, b.x_neg]), torch.cat([b.eps_pos[:, 0], b.eps_neg[:, 0]]), t,
+                    tr.adapter.schedule)
     emb = {k: torch.cat([v, v]) for k, v in b.emb.items()}
 
     def floor() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -46,4 +47,20 @@ LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
     "dpo": _dpo,
     "ipo": _ipo,
     "capo": capo_loss,
+}
+
+
+def _calibrated(delta_rca: Tensor) -> Tensor:
+    return delta_rca  # CaPO's fixed point βΔ_θ = ΔR_ca (Eq. 8); DPO has none: ΔR_ca, for reading
+
+
+def _one(delta_rca: Tensor) -> Tensor:
+    return torch.ones_like(delta_rca)  # IPO's fixed point βΔ_θ = 1
+
+
+#: objective -> the value of βΔ_θ per pair [B] -> [B] that the diagnostics compare against
+TARGETS: dict[str, Callable[[Tensor], Tensor]] = {
+    "dpo": _calibrated,
+    "ipo": _one,
+    "capo": _calibrated,
 }

@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from capo.losses import LOSSES, implicit_reward
-from capo.pipeline.preference import REFERENCES, errors, preference_step
+from capo.losses import LOSSES, TARGETS, capo_loss, implicit_reward
+from capo.pipeline.preference import REFERENCES, errors, margin, preference_step
 from capo.pipeline.trainset import PairBatch
 from capo.schedules import add_noise
 from capo.weighting import WEIGHTINGS
@@ -31,14 +31,16 @@ def lora_adapter(kind: str = "vp"):
     return adapter
 
 
-def make_batch(adapter, seed: int = 0) -> PairBatch:
+def make_batch(adapter, seed: int = 0, draws: int = 1) -> PairBatch:
+    """B pairs with K = ``draws`` (t, noise) draws each: t [B, K], eps [B, K, C, H, W]."""
     g = torch.Generator().manual_seed(seed)
-    shape = (B, *adapter.latent_shape())
+    shape, noise = (B, *adapter.latent_shape()), (B, draws, *adapter.latent_shape())
     emb = adapter.encode_prompts(["a red circle", "two blue squares", "a green triangle"])
     return PairBatch(
         x_pos=torch.rand(shape, generator=g) * 2 - 1, x_neg=torch.rand(shape, generator=g) * 2 - 1,
-        eps_pos=torch.randn(shape, generator=g), eps_neg=torch.randn(shape, generator=g),
-        t=adapter.schedule.sample_t(B, generator=g), delta_rca=torch.tensor([0.5, -0.25, 0.875]), emb=emb,
+        eps_pos=torch.randn(noise, generator=g), eps_neg=torch.randn(noise, generator=g),
+        t=adapter.schedule.sample_t(B * draws, generator=g).view(B, draws),
+        delta_rca=torch.tensor([0.5, -0.25, 0.875]), emb=emb,
     )
 
 
@@ -105,15 +107,15 @@ def test_batched_step_equals_pairwise_formula():
     loss, m = preference_step(adapter, adapter.denoiser, ref, batch, weighting, LOSSES["capo"], 10.0)
     deltas = []
     for i in range(B):
-        t = batch.t[i : i + 1]
+        t = batch.t[i]  # [1]: the pair's one draw
         emb = {k: v[i : i + 1] for k, v in batch.emb.items()}
         side = []
         for x, eps in ((batch.x_pos, batch.eps_pos), (batch.x_neg, batch.eps_neg)):
-            x_t = add_noise(x[i : i + 1], eps[i : i + 1], t, adapter.schedule)
+            x_t = add_noise(x[i : i + 1], eps[i], t, adapter.schedule)
             with torch.no_grad():
-                e_theta = errors(adapter, adapter.denoiser, x_t, t, eps[i : i + 1], emb)
+                e_theta = errors(adapter, adapter.denoiser, x_t, t, eps[i], emb)
                 with ref.active() as r:
-                    e_ref = errors(adapter, r, x_t, t, eps[i : i + 1], emb)
+                    e_ref = errors(adapter, r, x_t, t, eps[i], emb)
             side.append(implicit_reward(e_theta, e_ref, weighting(adapter.schedule, t)))
         deltas.append(side[0] - side[1])
     delta = torch.cat(deltas)
@@ -138,3 +140,64 @@ def test_full_finetuning_reference_is_a_frozen_copy():
     assert m1["err_ref"].item() == m0["err_ref"].item()
     assert m1["err_policy"].item() != m0["err_policy"].item()
     assert not any(p.requires_grad for p in ref.denoiser.parameters())
+
+
+def one_draw(batch: PairBatch, k: int) -> PairBatch:
+    """The batch with only draw k of every pair (t [B, 1], eps [B, 1, C, H, W])."""
+    return PairBatch(x_pos=batch.x_pos, x_neg=batch.x_neg, eps_pos=batch.eps_pos[:, k:k + 1],
+                     eps_neg=batch.eps_neg[:, k:k + 1], t=batch.t[:, k:k + 1],
+                     delta_rca=batch.delta_rca, emb=batch.emb)
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_k_draw_margin_is_the_mean_of_single_draw_margins_and_the_loss_is_of_the_mean(kind):
+    """Δ_θ(K draws) = (1/K) Σ_k Δ_θ(draw k); the CaPO loss is (ΔR − β Δ_θ(K))², which is below the
+    mean of the per-draw losses by β² Var_k Δ_θ(draw k) (mean of squares − square of the mean)."""
+    adapter = lora_adapter(kind)
+    perturb_lora(adapter)
+    batch, beta = make_batch(adapter, seed=5, draws=3), 300.0
+    ref = REFERENCES[True](adapter.denoiser)
+    weighting = WEIGHTINGS["sigmoid"](bias=1.5)
+    with torch.no_grad():
+        mean_k, _, _ = margin(adapter, adapter.denoiser, ref, batch, weighting)
+        singles = torch.stack([margin(adapter, adapter.denoiser, ref, one_draw(batch, k), weighting)[0]
+                               for k in range(3)], dim=1)  # [B, K]
+    assert singles.std(dim=1).min() > 0  # the draws differ
+    # equal up to float32 rounding (the [2BK] and [2B] forwards round differently)
+    torch.testing.assert_close(mean_k, singles.mean(dim=1), rtol=1e-3, atol=1e-4 * singles.abs().max().item())
+    loss, m = preference_step(adapter, adapter.denoiser, ref, batch, weighting, LOSSES["capo"], beta)
+    torch.testing.assert_close(loss.detach(), capo_loss(singles.mean(dim=1), batch.delta_rca, beta),
+                               rtol=1e-3, atol=1e-4)
+    per_draw = capo_loss(singles, batch.delta_rca[:, None], beta).mean(dim=1)
+    gap = beta**2 * singles.var(dim=1, unbiased=False)
+    torch.testing.assert_close(per_draw - loss.detach(), gap, rtol=1e-3, atol=1e-4)
+    assert (gap > 0).all()
+    scaled = beta * mean_k
+    assert m["beta_delta_theta"].item() == pytest.approx(scaled.mean().item(), rel=1e-4)
+    assert m["beta_delta_theta_sq"].item() == pytest.approx(scaled.pow(2).mean().item(), rel=1e-4)
+
+
+def test_k_draws_go_through_one_policy_and_one_reference_forward_of_2bk():
+    adapter = lora_adapter()
+    batch = make_batch(adapter, draws=2)
+    sizes = []
+    hook = adapter.denoiser.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
+    preference_step(adapter, adapter.denoiser, REFERENCES[True](adapter.denoiser), batch,
+                    WEIGHTINGS["constant"](), LOSSES["capo"], 10.0)
+    hook.remove()
+    assert sizes == [2 * B * 2, 2 * B * 2]
+
+
+def test_diagnostic_metrics_at_lora_init_hand_check():
+    """Δ_θ = 0 at init: βΔ_θ = 0, so near_target counts the pairs with |target| < 0.1, and the loss
+    equals loss_at_start: CaPO mean ΔR² = (0.05² + 0.25² + 0.875²)/3, IPO 1."""
+    adapter = lora_adapter()
+    batch = make_batch(adapter)
+    batch.delta_rca = torch.tensor([0.05, -0.25, 0.875])
+    ref = REFERENCES[True](adapter.denoiser)
+    for objective, start, near in (("capo", (0.05**2 + 0.25**2 + 0.875**2) / 3, 1 / 3), ("ipo", 1.0, 0.0)):
+        _, m = preference_step(adapter, adapter.denoiser, ref, batch, WEIGHTINGS["constant"](),
+                               LOSSES[objective], 100.0, TARGETS[objective])
+        assert m["beta_delta_theta"].item() == 0.0 and m["beta_delta_theta_sq"].item() == 0.0
+        assert m["loss_at_start"].item() == pytest.approx(start, abs=1e-6) == m["loss"].item()
+        assert m["near_target"].item() == pytest.approx(near)

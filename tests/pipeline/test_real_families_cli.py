@@ -44,9 +44,10 @@ def _cli(*argv: str) -> None:
 def _denoise_on_cache(run: RunDir, adapter) -> torch.Tensor:
     """The adapter's output on a fixed noisy version of the run's first cached latents."""
     batch = PairSet.from_run(run).batch(0, 0, 2, 0, 1, adapter.schedule.sample_t, False)
-    x_t = add_noise(batch.x_pos, batch.eps_pos, batch.t, adapter.schedule)
+    t = batch.t[:, 0]  # the first (t, noise) draw of each pair
+    x_t = add_noise(batch.x_pos, batch.eps_pos[:, 0], t, adapter.schedule)
     with torch.no_grad():
-        return adapter.denoise(x_t, batch.t, batch.emb)
+        return adapter.denoise(x_t, t, batch.emb)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

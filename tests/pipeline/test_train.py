@@ -37,7 +37,7 @@ from capo.pipeline.train import (
     train,
     trained_state_dict,
 )
-from capo.pipeline.trainset import PairSet
+from capo.pipeline.trainset import NOISE, PairSet, stream_seed
 from capo.weighting import mean_weight, sigmoid
 
 N_PROMPTS, N_SAMPLES = 5, 4
@@ -116,6 +116,31 @@ def test_stream_is_a_pure_function_of_seed_and_step_for_any_world_size(run):
     assert torch.equal(shared.eps_pos, shared.eps_neg) and torch.equal(shared.x_pos, whole.x_pos)
 
 
+def test_one_draw_stream_is_the_per_pair_generator_and_k_draws_extend_it(run):
+    """K = 1: pair i of step s has t, eps+, eps- drawn in that order from a generator seeded by
+    (seed, NOISE, s, i) (the stream resume and DDP rely on); K draws continue that generator, so
+    draw 0 of every K is the K = 1 draw."""
+    data = PairSet.from_run(run)
+    sample_t = load_model(*detect_family(run.read_base_model()["path"]), device="cpu").schedule.sample_t
+    one = data.batch(7, 3, 4, 0, 1, sample_t)
+    assert one.t.shape == (4, 1) and one.eps_pos.shape == (4, 1, *data.latents.shape[1:])
+    for i in range(4):
+        gen = torch.Generator().manual_seed(stream_seed(7, NOISE, 3, i))
+        t = sample_t(1, generator=gen)
+        eps_pos, eps_neg = (torch.randn(data.latents.shape[1:], generator=gen) for _ in range(2))
+        assert torch.equal(one.t[i], t) and torch.equal(one.eps_pos[i, 0], eps_pos)
+        assert torch.equal(one.eps_neg[i, 0], eps_neg)
+    three = data.batch(7, 3, 4, 0, 1, sample_t, draws=3)
+    assert three.t.shape == (4, 3) and three.eps_neg.shape == (4, 3, *data.latents.shape[1:])
+    for name in ("t", "eps_pos", "eps_neg"):
+        assert torch.equal(getattr(three, name)[:, :1], getattr(one, name)), name
+    assert len(set(three.t.flatten().tolist())) > 4
+    assert not torch.equal(three.eps_pos[:, 1], three.eps_pos[:, 2])
+    assert torch.equal(three.x_pos, one.x_pos) and torch.equal(three.delta_rca, one.delta_rca)
+    shared = data.batch(7, 3, 4, 0, 1, sample_t, share_noise=True, draws=3)
+    assert torch.equal(shared.eps_pos, shared.eps_neg) and torch.equal(shared.t[:, 0], one.t[:, 0])
+
+
 def test_each_visit_draws_from_x_plus_and_x_minus_and_an_epoch_visits_every_prompt(run):
     data = PairSet.from_run(run)
     latents = run.read_latents()
@@ -167,7 +192,7 @@ def test_lora_moves_only_the_adapters_and_the_reference_stays_the_base(tmp_path,
     base_before = {k: v.clone() for k, v in den.state_dict().items() if "lora_" not in k}
     lora_before = {k: v.clone() for k, v in den.state_dict().items() if "lora_" in k}
     probe = tr.data.batch(5, 0, 2, 0, 1, tr.adapter.schedule.sample_t)
-    x, t, emb = probe.x_pos, probe.t, probe.emb
+    x, t, emb = probe.x_pos, probe.t[:, 0], probe.emb
 
     def outputs():
         with torch.no_grad():
@@ -235,6 +260,18 @@ def test_cli_reads_the_yaml_section_and_flags(tmp_path, base_model):
     assert main(["train", "--run", str(run.root), "--objective", "nope"]) == 2
     assert main(["train", "--config", str(cfg), "--run", str(run.root), "--batch-size", "3",
                  "--grad-accum", "2"]) == 2
+
+
+def test_k_draws_and_shared_noise_train_and_bad_draws_are_refused(run):
+    one = optimizer_step(setup(config(run, batch_size=4)), 0)
+    for extra in ({"draws": 3}, {"share_noise": True}, {"draws": 2, "share_noise": True}):
+        m = optimizer_step(setup(config(run, batch_size=4, **extra)), 0)
+        assert m.keys() == one.keys() and all(math.isfinite(v) for v in m.values())
+        assert m["loss"] == pytest.approx(one["loss"], rel=1e-6)  # Δ_θ = 0 at LoRA init for every K
+        assert m["grad_norm"] != one["grad_norm"]  # other draws, other gradient
+    assert {"beta_delta_theta", "beta_delta_theta_std", "near_target", "loss_at_start", "clipped"} <= set(one)
+    with pytest.raises(CapoError, match="draws"):
+        config(run, draws=0)
 
 
 def test_gradient_checkpointing_and_accumulation_give_the_same_step(run):

@@ -1,10 +1,11 @@
 """One preference step (paper Eq. 4, 5, 8; DESIGN §2): pairs in, per-pair loss and metrics out.
 
-For B pairs (x+, x-) of one prompt each, one t per pair, noises eps+ and eps-:
+For B pairs (x+, x-) of one prompt each, K draws per pair of one t and noises eps+ and eps-:
 x_t = α_t x + σ_t ε; ε̂ = to_epsilon(denoiser output); e = mean (ε̂ − ε)²;
-R = f(t) (e_ref − e_θ); Δ_θ = R(x+) − R(x−); ℓ = LOSSES[objective](Δ_θ, ΔR_ca, β) per pair.
-Speed: x+ and x− go through the policy as ONE [2B] batch and through the reference as ONE
-no-grad [2B] batch.
+R = f(t) (e_ref − e_θ); Δ_θ = mean over the K draws of R(x+) − R(x−);
+ℓ = LOSSES[objective](Δ_θ, ΔR_ca, β) per pair.
+Speed: x+ and x− (all draws) go through the policy as ONE [2BK] batch and through the reference
+as ONE no-grad [2BK] batch.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from capo.losses import implicit_reward
+from capo.losses import TARGETS, implicit_reward
 from capo.models.base import DiffusionAdapter
 from capo.pipeline.trainset import PairBatch
 from capo.schedules import add_noise, per_sample_error, to_epsilon
 
 LossFn = Callable[[Tensor, Tensor, float], Tensor]
 Weighting = Callable[..., Tensor]
+#: a pair counts as at its target when |βΔ_θ − target| < NEAR (diagnostics)
+NEAR = 0.1
 
 
 class Reference(Protocol):
@@ -82,27 +85,44 @@ def errors(adapter: DiffusionAdapter, module: nn.Module, x_t: Tensor, t: Tensor,
     return per_sample_error(eps_hat, eps)
 
 
-def preference_step(adapter: DiffusionAdapter, policy: nn.Module, reference: Reference,
-                    batch: PairBatch, weighting: Weighting, loss_fn: LossFn, beta: float
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-pair loss [B] (Eq. 5 / 8) with gradients into ``policy``, and detached metrics.
+def margin(adapter: DiffusionAdapter, policy: nn.Module, reference: Reference, batch: PairBatch,
+           weighting: Weighting) -> tuple[Tensor, Tensor, Tensor]:
+    """Δ_θ = (1/K) Σ_k [R_θ(x+, t_k, ε+_k) − R_θ(x−, t_k, ε−_k)], the K-draw estimate per pair [B]
+    (with grad), and e_θ, e_ref [2BK] (rows [x+ draws ; x− draws], pair-major).
 
-    One t per pair is shared by x+ and x− (DESIGN §2); the 2B rows are [x+ ; x−].
-    Metrics (scalars, means over the B pairs): loss, delta_theta, implicit_acc (Δ_θ > 0),
-    err_policy, err_ref, delta_rca.
+    Each draw k of a pair shares its t_k between x+ and x− (DESIGN §2); K = 1 is Eq. 4's
+    single-draw estimate, and the K-draw Δ_θ is exactly the mean of the K single-draw ones.
     """
-    b = len(batch)
-    x = torch.cat([batch.x_pos, batch.x_neg])                      # [2B, C, H, W]
-    eps = torch.cat([batch.eps_pos, batch.eps_neg])                # [2B, C, H, W]
-    t = torch.cat([batch.t, batch.t])                              # [2B]
-    emb = {k: torch.cat([v, v]) for k, v in batch.emb.items()}     # [2B, ...]
+    b, k = batch.t.shape
+    x = torch.cat([batch.x_pos, batch.x_neg]).repeat_interleave(k, dim=0)       # [2BK, C, H, W]
+    eps = torch.cat([batch.eps_pos.flatten(0, 1), batch.eps_neg.flatten(0, 1)])  # [2BK, C, H, W]
+    t = batch.t.flatten().repeat(2)                                              # [2BK]
+    emb = {n: v.repeat_interleave(k, dim=0).repeat(2, *[1] * (v.dim() - 1))     # [2BK, ...]
+           for n, v in batch.emb.items()}
     x_t = add_noise(x, eps, t, adapter.schedule)                   # x_t = α_t x + σ_t ε
-    e_theta = errors(adapter, policy, x_t, t, eps, emb)            # [2B], with grad
+    e_theta = errors(adapter, policy, x_t, t, eps, emb)            # [2BK], with grad
     with torch.no_grad(), reference.active() as ref:
-        e_ref = errors(adapter, ref, x_t, t, eps, emb)             # [2B]
+        e_ref = errors(adapter, ref, x_t, t, eps, emb)             # [2BK]
     reward = implicit_reward(e_theta, e_ref, weighting(adapter.schedule, t).to(e_theta.device))
-    delta_theta = reward[:b] - reward[b:]                          # Δ_θ = R(x+) − R(x−), [B]
+    draws = reward[:b * k] - reward[b * k:]                        # R(x+) − R(x−) per draw, [BK]
+    return draws.view(b, k).mean(dim=1), e_theta, e_ref            # Δ_θ, [B]
+
+
+def preference_step(adapter: DiffusionAdapter, policy: nn.Module, reference: Reference,
+                    batch: PairBatch, weighting: Weighting, loss_fn: LossFn, beta: float,
+                    target: Callable[[Tensor], Tensor] = TARGETS["capo"]
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair loss [B] (Eq. 5 / 8) of the K-draw Δ_θ (``margin``), with gradients into
+    ``policy``: the loss of the mean estimate, not the mean of per-draw losses.
+
+    Metrics (scalars, means over the B pairs): loss, delta_theta, implicit_acc (Δ_θ > 0),
+    err_policy, err_ref, delta_rca; beta_delta_theta and beta_delta_theta_sq (E[βΔ_θ], E[(βΔ_θ)²]);
+    near_target (|βΔ_θ − target(ΔR_ca)| < 0.1); loss_at_start (the loss at Δ_θ = 0, the base model's:
+    E[ΔR_ca²] for CaPO, 1 for IPO, log 2 for DPO).
+    """
+    delta_theta, e_theta, e_ref = margin(adapter, policy, reference, batch, weighting)
     loss = loss_fn(delta_theta, batch.delta_rca, beta)             # [B]
+    scaled = beta * delta_theta.detach()                           # βΔ_θ, [B]
     metrics = {
         "loss": loss.detach().mean(),
         "delta_theta": delta_theta.detach().mean(),
@@ -110,5 +130,9 @@ def preference_step(adapter: DiffusionAdapter, policy: nn.Module, reference: Ref
         "err_policy": e_theta.detach().mean(),
         "err_ref": e_ref.mean(),
         "delta_rca": batch.delta_rca.mean(),
+        "beta_delta_theta": scaled.mean(),
+        "beta_delta_theta_sq": scaled.pow(2).mean(),
+        "near_target": ((scaled - target(batch.delta_rca)).abs() < NEAR).float().mean(),
+        "loss_at_start": loss_fn(torch.zeros_like(scaled), batch.delta_rca, beta).mean(),
     }
     return loss, metrics

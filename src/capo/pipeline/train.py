@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from capo.config import add_arguments, build, doc
 from capo.errors import CapoError
-from capo.losses import LOSSES
+from capo.losses import LOSSES, TARGETS
 from capo.models.base import SHAPES_MARKER, DiffusionAdapter
 from capo.pipeline.checkpoint import register_lora_hooks, resume, save_checkpoint
+from capo.pipeline.diagnostics import Diagnostics, step_values
 from capo.pipeline.generate import load_base
 from capo.pipeline.integrity import damage, write_manifest
 from capo.pipeline.preference import REFERENCES, Reference, preference_step
@@ -89,6 +90,8 @@ class TrainConfig:
     keep_checkpoints: int = doc("number of newest checkpoints kept", 2, ge=1, identity=False)
     resume: bool = doc("continue from the newest checkpoint in RUN/checkpoints", False, identity=False)
     share_noise: bool = doc("one noise for x+ and x- (as Diffusion-DPO) instead of two", False)
+    draws: int = doc("K (t, noise) draws per pair; the loss is of the pair's mean margin over the "
+                     "K draws (less variance in beta x margin, K times the compute)", 1, ge=1)
     t_min: float | None = doc("override the smallest training t of the schedule (< t_max)", None, ge=0)
     t_max: float | None = doc("override the largest training t of the schedule (> t_min)", None, ge=0)
     log_with: str = doc("metrics tracker", "tensorboard", choices=TRACKERS, identity=False)
@@ -179,7 +182,7 @@ def step_batches(tr: Trainer) -> StepBatches:
     """This rank's share of every global batch (the pair stream of ``cfg.seed``)."""
     cfg, acc = tr.config, tr.accelerator
     return StepBatches(tr.data, cfg.seed, cfg.batch_size, acc.process_index, acc.num_processes,
-                       tr.adapter.schedule.sample_t, cfg.share_noise)
+                       tr.adapter.schedule.sample_t, cfg.share_noise, cfg.draws)
 
 
 def optimizer_step(tr: Trainer, step: int, batch: PairBatch | None = None) -> dict[str, float]:
@@ -193,13 +196,14 @@ def optimizer_step(tr: Trainer, step: int, batch: PairBatch | None = None) -> di
         with nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(tr.policy):
             with acc.autocast():
                 loss, metrics = preference_step(tr.adapter, tr.policy, tr.reference, micro, tr.weighting,
-                                                LOSSES[cfg.objective], cfg.beta)
+                                                LOSSES[cfg.objective], cfg.beta, TARGETS[cfg.objective])
             acc.backward(loss.mean() / cfg.grad_accum)  # the mean over pairs, never a loss of a mean
         totals = {k: totals.get(k, 0) + v / cfg.grad_accum for k, v in metrics.items()}
     grad_norm = acc.clip_grad_norm_(tr.params, cfg.max_grad_norm or math.inf)
     lr = tr.scheduler.get_last_lr()[0]
     reduced = acc.reduce(torch.stack(list(totals.values())), "mean").tolist()
-    metrics = {**dict(zip(totals, reduced, strict=True)), "grad_norm": float(grad_norm), "lr": lr}
+    metrics = {**step_values(dict(zip(totals, reduced, strict=True)), float(grad_norm), cfg.max_grad_norm),
+               "grad_norm": float(grad_norm), "lr": lr}
     check_finite_step(step, metrics)  # before the update: the weights stay finite
     tr.optimizer.step()
     tr.scheduler.step()
@@ -261,6 +265,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     acc.init_trackers("capo-train", config={k: v for k, v in dataclasses.asdict(config).items()
                                             if v is not None})
     metrics: dict[str, float] = {}
+    diagnostics = Diagnostics(config.objective, config.beta, config.max_steps, config.warmup_steps)
     bar = tqdm(total=config.max_steps, initial=start, desc="train", disable=not acc.is_local_main_process)
     steps = range(start, config.max_steps)
     loader = pair_loader(step_batches(tr), steps, config.loader_workers, config.loader_prefetch,
@@ -270,12 +275,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         acc.log(metrics, step=step + 1)
         bar.update()
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['implicit_acc']:.2f}")
+        diagnostics.record(metrics)
+        if (warning := diagnostics.check()) and acc.is_main_process:
+            tqdm.write(f"capo train: {warning}", file=sys.stderr)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             save_checkpoint(tr, step + 1)
     bar.close()
     summary = {"steps": config.max_steps, "resumed_from": start, "processes": acc.num_processes,
                "seconds": round(time.time() - began, 3), "last_metrics": metrics,
                "weight_mean": tr.weight_mean, "normalize_weighting": config.normalize_weighting,
+               "diagnostics": diagnostics.summary(),
                "config": dataclasses.asdict(config)}
     save_model(tr, summary)
     for tracker in acc.trackers:  # not end_training(): it ends the process group `capo run` goes on with

@@ -8,7 +8,8 @@ the denoiser is the only model training needs), and a ``torch.utils.data.DataLoa
 The stream is a pure function of (seed, step): global pair position g = step * G + i (G pairs per
 optimizer step) visits prompt ``perm_epoch[g mod P]`` of epoch ``g // P``; that visit draws
 x+ ~ U(X+) and x- ~ U(X-) from a generator seeded by (seed, epoch, prompt index), and the pair's
-t and noises come from a generator seeded by (seed, step, i). Rank r of W takes pairs
+K draws of (t, noises) come from a generator seeded by (seed, step, i), draw after draw (so draw 0
+is the same for every K). Rank r of W takes pairs
 [r G/W, (r+1) G/W), so the union over ranks is the same for any W (exact resume, 1 = 2 processes).
 """
 
@@ -40,7 +41,8 @@ def stream_seed(*key: int) -> int:
 
 @dataclass
 class PairBatch:
-    """B preference pairs: x_pos, x_neg, eps_pos, eps_neg [B, C, H, W]; t, delta_rca [B];
+    """B preference pairs with K (t, noise) draws each: x_pos, x_neg [B, C, H, W];
+    eps_pos, eps_neg [B, K, C, H, W]; t [B, K]; delta_rca [B];
     emb: batch-first text embeddings of each pair's prompt ([B, ...] per key)."""
 
     x_pos: torch.Tensor
@@ -148,14 +150,15 @@ class PairSet:
         return p, pos, neg, pos_rca - neg_rca
 
     def batch(self, seed: int, step: int, global_batch: int, rank: int, world: int,
-              sample_t: Callable[..., torch.Tensor], share_noise: bool = False) -> PairBatch:
+              sample_t: Callable[..., torch.Tensor], share_noise: bool = False, draws: int = 1
+              ) -> PairBatch:
         """This rank's pairs [r G/W, (r+1) G/W) of global batch ``step`` (on CPU, float32)."""
         if global_batch % world:
             raise CapoError(f"batch_size {global_batch} is not divisible by {world} processes")
         local = range(rank * global_batch // world, (rank + 1) * global_batch // world)
         picks = [self.pick(seed, step * global_batch + i) for i in local]
         prompts, pos, neg, drca = (list(c) for c in zip(*picks, strict=True))
-        t, eps_pos, eps_neg = _noise(seed, step, local, self.latents.shape[1:], sample_t, share_noise)
+        t, eps_pos, eps_neg = _noise(seed, step, local, self.latents.shape[1:], sample_t, share_noise, draws)
         return PairBatch(
             x_pos=self.latents[pos].float(), x_neg=self.latents[neg].float(), eps_pos=eps_pos,
             eps_neg=eps_neg, t=t, delta_rca=torch.tensor(drca, dtype=torch.float32),
@@ -169,13 +172,13 @@ class StepBatches(Dataset):
     yields the pair stream of ``PairSet.batch`` unchanged."""
 
     def __init__(self, data: PairSet, seed: int, global_batch: int, rank: int, world: int,
-                 sample_t: Callable[..., torch.Tensor], share_noise: bool = False):
+                 sample_t: Callable[..., torch.Tensor], share_noise: bool = False, draws: int = 1):
         self.data, self.seed, self.global_batch, self.rank, self.world = data, seed, global_batch, rank, world
-        self.sample_t, self.share_noise = sample_t, share_noise
+        self.sample_t, self.share_noise, self.draws = sample_t, share_noise, draws
 
     def __getitem__(self, step: int) -> PairBatch:
         return self.data.batch(self.seed, step, self.global_batch, self.rank, self.world, self.sample_t,
-                               self.share_noise)
+                               self.share_noise, self.draws)
 
 
 def pair_loader(batches: StepBatches, steps: range, workers: int, prefetch: int,
@@ -192,17 +195,21 @@ def _as_is(batch: PairBatch) -> PairBatch:
 
 
 def _noise(seed: int, step: int, pairs: Sequence[int], shape: torch.Size,
-           sample_t: Callable[..., torch.Tensor], share_noise: bool
+           sample_t: Callable[..., torch.Tensor], share_noise: bool, draws: int = 1
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per pair i: t ~ schedule, eps+ and eps- ~ N(0, I) (eps- = eps+ with share_noise), from a
-    generator seeded by (seed, step, i). Returns t [B], eps_pos [B, *shape], eps_neg [B, *shape]."""
+    """Per pair i, K = ``draws`` times in turn: t ~ schedule, eps+ and eps- ~ N(0, I) (eps- = eps+
+    with share_noise), from one generator seeded by (seed, step, i); draw k < K is the same for
+    every K. Returns t [B, K], eps_pos [B, K, *shape], eps_neg [B, K, *shape]."""
     ts, pos, neg = [], [], []
     for i in pairs:
         gen = torch.Generator().manual_seed(stream_seed(seed, NOISE, step, i))
-        ts.append(sample_t(1, generator=gen).float())
-        pos.append(torch.randn(shape, generator=gen))
-        neg.append(pos[-1] if share_noise else torch.randn(shape, generator=gen))
-    return torch.cat(ts), torch.stack(pos), torch.stack(neg)
+        for _ in range(draws):
+            ts.append(sample_t(1, generator=gen).float())
+            pos.append(torch.randn(shape, generator=gen))
+            neg.append(pos[-1] if share_noise else torch.randn(shape, generator=gen))
+    b = len(pairs)
+    return (torch.cat(ts).view(b, draws), torch.stack(pos).view(b, draws, *shape),
+            torch.stack(neg).view(b, draws, *shape))
 
 
 def _usable_rows(lengths: dict[str, np.ndarray], path: str) -> np.ndarray:
