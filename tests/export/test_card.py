@@ -15,7 +15,8 @@ from capo.pipeline.score import META_KEY
 
 SPEC = {"model": "stabilityai/stable-diffusion-xl-base-1.0", "family": "sdxl",
         "path": "stabilityai/stable-diffusion-xl-base-1.0", "options": {"resolution": 512}}
-TRAIN = {"objective": "capo", "weighting": "sigmoid", "sigmoid_bias": 1.5, "beta": 500.0, "lora": True,
+TRAIN = {"objective": "capo", "weighting": "sigmoid", "sigmoid_bias": 1.5, "normalize_weighting": True,
+         "beta": 500.0, "lora": True,
          "lora_rank": 16, "lora_alpha": 8.0, "max_steps": 250, "batch_size": 8, "learning_rate": 1e-4,
          "seed": 3}
 RESULTS = {"rewards": {"hpsv2": {"win_rate": 62.5, "ci_low": 40.0, "ci_high": 80.0, "mean_base": 0.25,
@@ -36,7 +37,7 @@ def _run(tmp_path, evaluated: bool = True) -> RunDir:
         meta = {"reward": name, "bt_scale": scale, "transform": "identity", "higher_is_better": better}
         pq.write_table(pa.table({"raw": [0.1]}).replace_schema_metadata({META_KEY: json.dumps(meta)}),
                        run.reward_path(name))
-    (run.model_dir / "train_summary.json").write_text(json.dumps({"config": TRAIN}))
+    (run.model_dir / "train_summary.json").write_text(json.dumps({"config": TRAIN, "weight_mean": 0.25}))
     if evaluated:
         run.eval_dir.mkdir()
         (run.eval_dir / "results.json").write_text(json.dumps(RESULTS))
@@ -56,7 +57,8 @@ def test_card_front_matter_and_body(tmp_path):
     assert "| hpsv2 | 100.0 | identity | yes |" in text and "| mps | 1.0 | identity | no |" in text
     assert "mean over the 2 reward(s)" in text
     assert "Pair rule: `best_worst` (reward mps)." in text
-    assert ("Objective: `capo`, beta = 500, weighting sigmoid (bias 1.5), 250 steps of 8 pairs, "
+    assert ("Objective: `capo`, beta = 500, weighting sigmoid (bias 1.5), divided by its mean E_t f = 0.25, "
+            "250 steps of 8 pairs, "
             "learning rate "
             "0.0001, LoRA rank 16, alpha 8.0 (scale 0.5), seed 3.") in text
     assert "Prompt set: `prompts.txt`, a subset of 100 prompts; 16 samples per prompt" in text

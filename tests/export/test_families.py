@@ -9,12 +9,14 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from capo.cli import main
 from capo.models.diffusers_common import initial_noise
 from capo.pipeline.generate import load_base
-from capo.pipeline.train import apply_trained
+from capo.pipeline.train import apply_trained, trained_state_dict
 from conftest import LORA_ALPHA, LORA_RANK, TINY_OPTIONS, write_run
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
@@ -74,3 +76,13 @@ def test_lora_and_merged_exports_load_in_diffusers(family, tiny_models, tmp_path
     torch.testing.assert_close(diffusers_latents(merged, adapter), tuned, rtol=0, atol=1e-4)
     for name in ("lora", "merged"):
         assert (tmp_path / name / "README.md").read_text().startswith("---\n")
+
+
+def test_lora_export_keeps_the_trained_precision(tiny_models, tmp_path):
+    """--dtype bfloat16 loads the base in bf16, but the exported LoRA holds the saved fp32 tensors."""
+    run = write_run(tmp_path / "run", str(tiny_models["sd"]))
+    _export(run, tmp_path / "out", "--dtype", "bfloat16")
+    exported = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    saved = convert_state_dict_to_diffusers(trained_state_dict(run.model_dir))
+    assert exported.keys() == {f"unet.{k}" for k in saved}
+    assert all(torch.equal(exported[f"unet.{k}"], v) and v.dtype == torch.float32 for k, v in saved.items())

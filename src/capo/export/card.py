@@ -47,6 +47,9 @@ USAGE: dict[tuple[str, str], str] = {
 LANGUAGES = {"diffusers": "python", "shapes": "bash"}
 #: weighting -> its parameters as the card states them
 WEIGHTING_DETAILS = {"sigmoid": lambda t: f" (bias {t['sigmoid_bias']})"}
+#: normalize_weighting -> how the card states it (None: a run from before the option existed)
+NORMALISATION = {True: lambda s: f", divided by its mean E_t f = {_number(s.get('weight_mean'))}",
+                 False: lambda s: ", not normalised (the paper's f)", None: lambda s: ""}
 #: LoRA or not -> what was trained
 UPDATES = {True: lambda t: (f"LoRA rank {t['lora_rank']}, alpha {t['lora_alpha']} "
                             f"(scale {t['lora_alpha'] / t['lora_rank']:g})"),
@@ -63,6 +66,10 @@ CONTENTS: dict[tuple[str, str], str] = {
     ("shapes", "merged"): "a saved shapes model (capo_shapes.json, model.safetensors) with the tuned UNet",
 }
 EXAMPLE_PROMPT = "a red cube left of a blue sphere"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else NOT_RECORDED
 
 
 def hub_id(spec: dict[str, Any]) -> str | None:
@@ -115,11 +122,13 @@ def _pairs(values: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in values.items())
 
 
-def objective_line(train: dict[str, Any] | None) -> str:
-    """Objective, beta, weighting, steps, batch, learning rate and LoRA rank of a training config."""
+def objective_line(train: dict[str, Any] | None, summary: dict[str, Any]) -> str:
+    """Objective, beta, weighting (and its normalisation), steps, batch, learning rate and LoRA rank
+    of a training config; ``summary``: its train_summary.json (E_t f when normalised)."""
     if not train:
         return f"Objective: {NOT_RECORDED}."
     weighting = train["weighting"] + WEIGHTING_DETAILS.get(train["weighting"], lambda t: "")(train)
+    weighting += NORMALISATION[train.get("normalize_weighting")](summary)
     return (f"Objective: `{train['objective']}`, beta = {train['beta']:g}, weighting {weighting}, "
             f"{train['max_steps']} steps of {train['batch_size']} pairs, learning rate "
             f"{train['learning_rate']:g}, {UPDATES[bool(train['lora'])](train)}, seed {train['seed']}.")
@@ -131,14 +140,14 @@ def training_section(model_dir: Path, config: dict[str, Any]) -> list[str]:
     if soup is None:
         summary = _read_json(model_dir / "train_summary.json") or {}
         train = summary.get("config") or config.get("train")
-        return [f"- {pairs_line(config)}", f"- {objective_line(train)}"]
+        return [f"- {pairs_line(config)}", f"- {objective_line(train, summary)}"]
     lines = [f"- Model soup (Sec. 5.2): `{soup['method']}` merge of the task vectors of "
              f"{len(soup['members'])} fine-tunes of the same base, uniform weights. Members:"]
     for member in map(Path, soup["members"]):
         summary = _read_json(member / "train_summary.json") or {}
         member_config = _config(member.parent)
         lines.append(f"  - `{member.parent.name}`: {pairs_line(member_config)} "
-                     f"{objective_line(summary.get('config') or member_config.get('train'))}")
+                     f"{objective_line(summary.get('config') or member_config.get('train'), summary)}")
     return lines
 
 

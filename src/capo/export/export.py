@@ -131,7 +131,8 @@ def _diffusers_lora(adapter: Any, model_dir: Path, out: Path) -> None:
     name, denoiser = adapter.denoiser_name, adapter.denoiser
     config = denoiser.peft_config["default"].to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    state = LORA_CONVERSIONS[name](get_peft_model_state_dict(denoiser))
+    saved = trained_state_dict(model_dir)  # the trained tensors at their own precision, whatever --dtype
+    state = LORA_CONVERSIONS[name]({key: saved[key] for key in get_peft_model_state_dict(denoiser)})
     type(adapter.pipe).save_lora_weights(
         out, **{f"{name}_lora_layers": state, f"{name}_lora_adapter_metadata": config})
 
