@@ -16,11 +16,13 @@ from test_families import capo_latents, diffusers_latents
 from capo.cli import main
 from capo.config import from_dict
 from capo.errors import CapoError
+from capo.experiments.runner import write_soup
 from capo.export import ExportConfig, export
 from capo.models.base import detect_family, load_model
 from capo.pipeline.generate import load_base
 from capo.pipeline.integrity import write_manifest
 from capo.pipeline.prompts import load_prompts
+from capo.pipeline.rundir import RunDir
 from capo.pipeline.train import LORA_FILE, apply_trained
 from conftest import write_run
 
@@ -69,22 +71,24 @@ def test_shapes_exports_read_back(shapes_run, tmp_path):
 
 
 def test_soup_exports_merged(tiny_models, tmp_path):
-    """A soup's model/ (denoiser.safetensors + soup.json): auto -> merged; lora refused."""
-    members = [write_run(tmp_path / f"member{i}", str(tiny_models["sd"]), seed=i).model_dir for i in range(2)]
-    run = write_run(tmp_path / "soup", str(tiny_models["sd"]), lora=False)
-    (run.model_dir / "train_summary.json").unlink()
-    soup = {"method": "slerp", "members": [str(m) for m in members]}
-    (run.model_dir / "soup.json").write_text(json.dumps(soup))
-    write_manifest(run.model_dir)
+    """A soup written by capo experiment's write_soup (slerp of two LoRA runs' task vectors, a full
+    denoiser.safetensors + soup.json): auto -> merged, equal to capo's sampler; lora refused."""
+    members = [write_run(tmp_path / f"member{i}", str(tiny_models["sd"]), seed=i) for i in range(2)]
+    run = RunDir.at(tmp_path / "soup")
+    run.root.mkdir()
+    run.write_base_model(members[0].read_base_model())
+    write_soup(run, [m.model_dir for m in members], "slerp")
     assert _export(run, tmp_path / "lora", "--format", "lora") == 2
     assert not (tmp_path / "lora").exists()
     report = export(ExportConfig(run=str(run.root), out=str(tmp_path / "out")))
     assert report.format == "merged"
     tuned, adapter = capo_latents(run.read_base_model(), run.model_dir)
+    assert (tuned - capo_latents(run.read_base_model())[0]).abs().max() > 1e-3
     merged = DiffusionPipeline.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(diffusers_latents(merged, adapter), tuned, rtol=0, atol=1e-4)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "`slerp` merge" in card and card.count("LoRA rank 4, alpha 8") == 2
+    assert "`slerp` merge of the task vectors of 2 fine-tunes" in card
+    assert card.count("Pair rule: `frs`. Objective: `capo`") == 2 and card.count("LoRA rank 4, alpha 8") == 2
 
 
 def _corrupt(run):
