@@ -3,6 +3,7 @@ different one does not; results.json layout, results.md, grid.png, scores.csv.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def config(tuned: str, **kw) -> EvaluateConfig:
 def test_same_weights_tie_everywhere(tmp_path, models):
     base, same, _ = models
     run = make_run(tmp_path, base)
-    results = evaluate(run, config(same))
+    results = evaluate(run, config(same, out=str(run.eval_dir)))  # --tuned: RUN/eval only if asked
     assert set(results) == {"rewards", "gold"}
     for name in REWARDS:
         r = results["rewards"][name]
@@ -74,7 +75,7 @@ def test_experiment_evaluates_like_capo_evaluate(tmp_path, models):
 
     base, _, other = models
     run = make_run(tmp_path, base)
-    evaluate(run, config(other))
+    evaluate(run, config(other, out=str(run.eval_dir)))
     es = load_eval_set(run, config(other), tmp_path / "cache")
     es.evaluate(tmp_path / "cell", Path(other), "evaluate cell")
     for name in ("results.json", "results.md", "scores.csv"):
@@ -126,7 +127,7 @@ def test_balanced_evaluation_gives_every_category_the_same_images(tmp_path, mode
     base, _, other = models
     run = make_run(tmp_path, base)
     cfg = config(other, prompts="shapes:val", num_prompts=None, images_per_category=3)
-    results = evaluate(run, cfg)
+    results = evaluate(run, dataclasses.replace(cfg, out=str(run.eval_dir)))
     t = pacsv.read_csv(run.eval_dir / "scores.csv").to_pydict()
     assert len(t["prompt_id"]) == 6 * 3
     assert {c: t["category"].count(c) for c in set(t["category"])} == {c: 3 for c in set(t["category"])}

@@ -12,10 +12,13 @@ from __future__ import annotations
 import abc
 import importlib
 import json
+import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from PIL import Image
@@ -109,17 +112,52 @@ def detect_family(spec: str) -> tuple[str, str | None]:
             raise CapoError("no model_index.json or capo_shapes.json; pass --family", path=spec)
         class_name = json.loads(index.read_text()).get("_class_name", "")
     else:
-        try:  # a hub id: read its model_index.json (needs the hub or its cache)
-            from huggingface_hub import hf_hub_download
-
-            class_name = json.loads(Path(hf_hub_download(spec, "model_index.json")).read_text())[
-                "_class_name"
-            ]
-        except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
-            raise CapoError(f"cannot resolve model '{spec}' ({type(e).__name__}); pass --family") from None
+        class_name = _hub_class_name(spec)
     if class_name not in PIPELINE_FAMILIES:
         raise CapoError(f"unsupported pipeline class '{class_name}'; pass --family", path=spec)
     return PIPELINE_FAMILIES[class_name], spec
+
+
+#: the shape of a Hugging Face hub repository id, "owner/name"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+def _hub_class_name(spec: str) -> str:
+    """The pipeline class of a hub id's model_index.json: from the local cache first, then the hub.
+    A name that is neither built in, a local path nor shaped like a hub id fails at once."""
+    if not HUB_ID.match(spec) or ".." in spec:
+        builtin = ", ".join(m for m in MODELS if m.startswith("shapes-"))
+        raise CapoError(f"unknown model {spec[:200]!r}: not a built-in name ({builtin}), an existing "
+                        "directory or a hub id (owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    for local_only in (True, False):
+        try:
+            if not local_only:
+                _check_hub_reachable(spec)
+            path = hf_hub_download(spec, "model_index.json", local_files_only=local_only)
+            return json.loads(Path(path).read_text()).get("_class_name", "")
+        except CapoError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+            if not local_only:
+                raise CapoError(f"cannot resolve model '{spec}' ({type(e).__name__}); pass a local "
+                                "directory, or --family") from None
+    raise AssertionError("unreachable")
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """Fail at once, not after the hub client's retries, when offline or the hub's host is unknown."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    try:
+        why = why or (socket.getaddrinfo(host, 443) and None)
+    except OSError:
+        why = f"{host} cannot be resolved (no network?)"
+    if why:
+        raise CapoError(f"model '{spec}' is not in the local hub cache and {why}; pass a local directory")
 
 
 def load_model(family: str, path: str | None = None, **options: Any) -> DiffusionAdapter:

@@ -50,14 +50,15 @@ def chunks(ev: Evaluation) -> list[Evaluation]:
     return [dataclasses.replace(ev, items=ev.items[r.start : r.stop]) for r in bounds(ev)]
 
 
-def parts_dir(run: RunDir, ev: Evaluation, tuned_dir: Path) -> Path:
-    """eval/.parts-HASH: HASH of the settings, the base model and the tuned weights' files."""
+def parts_dir(out: Path, ev: Evaluation, tuned_dir: Path) -> Path:
+    """OUT/.parts-HASH (OUT: eval/ or the --tuned model's own output directory): HASH of the
+    settings, the base model and the tuned weights' files."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tuned_dir.iterdir()
                    if p.is_file())
     key = {"spec": ev.spec, "evaluate": to_dict(ev.cfg), "names": ev.names, "steps": ev.steps,
            "guidance": ev.guidance, "tuned": str(tuned_dir.resolve()), "files": files}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return run.eval_dir / f".parts-{digest}"
+    return out / f".parts-{digest}"
 
 
 def grid_items(ev: Evaluation) -> set[int]:
@@ -144,17 +145,20 @@ def merge(ev: Evaluation, where: Path) -> tuple[tuple[list, list], Scores]:
     return images, scores  # type: ignore[return-value]
 
 
-def evaluate_sharded(run: RunDir, ev: Evaluation, tuned_dir: Path) -> dict[str, Any]:
-    """Every rank evaluates its chunks; the main process merges them into eval/ (results.json,
-    results.md, scores.csv, grid.png) and removes the parts; every rank returns the results."""
-    state, where = process_state(), parts_dir(run, ev, tuned_dir)
+def evaluate_sharded(run: RunDir, ev: Evaluation, tuned_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    """Every rank evaluates its chunks; the main process merges them into ``out`` (default eval/:
+    results.json, results.md, scores.csv, grid.png) and removes the parts; every rank returns the
+    results."""
+    out = out or run.eval_dir
+    state, where = process_state(), parts_dir(out, ev, tuned_dir)
     evaluate_mine(ev, tuned_dir, where)
     state.wait_for_everyone()
     if state.is_main_process:
         images, scores = merge(ev, where)
-        ev.write(run, images, scores["base"], scores["tuned"])
-        run.save_config("evaluate", to_dict(ev.cfg))
-        for stale in run.eval_dir.glob(".parts-*"):
+        ev.write(run, images, scores["base"], scores["tuned"], out)
+        if out == run.eval_dir:  # the run's own evaluation (what `capo run` checks)
+            run.save_config("evaluate", to_dict(ev.cfg))
+        for stale in out.glob(".parts-*"):
             shutil.rmtree(stale, ignore_errors=True)
     state.wait_for_everyone()
-    return json.loads((run.eval_dir / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())

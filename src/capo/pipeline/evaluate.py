@@ -17,6 +17,7 @@ and scored separately.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ class EvaluateConfig:
     seed: int = doc("base seed of the evaluation noise", 1000, ge=0)
     reward: list[str] = doc("rewards to report (default: those of the run's score stage)", [])
     tuned: str | None = doc("tuned model directory (default: RUN/model)", None)
+    out: str | None = doc("output directory (default: RUN/eval for RUN/model, RUN/eval-NAME-HASH for "
+                          "another --tuned DIR)", None)
     steps: int | None = doc("sampling steps (default: the run's generate setting)", None, ge=1)
     guidance: float | None = doc("guidance scale (default: the run's generate setting)", None, ge=0)
     batch_size: int = doc("samples per forward pass", 64, ge=1)
@@ -226,11 +229,12 @@ class Evaluation:
         return pa.table(cols)
 
     def write(self, run: RunDir, images: tuple[list[Image.Image], list[Image.Image]],
-              base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> dict[str, Any]:
+              base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], out: Path | None = None
+              ) -> dict[str, Any]:
         """eval/results.json, results.md, scores.csv (raw scores per image) and grid.png (first
         seed of the first cfg.grid_prompts prompts), atomically; returns the results."""
         results = self.results(base, tuned)
-        out = run.eval_dir
+        out = out or run.eval_dir
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(results, indent=1) + "\n", out / "results.json")
         write_text_atomic(results_markdown(results), out / "results.md")
@@ -257,6 +261,34 @@ def with_score_options(run: RunDir, cfg: EvaluateConfig) -> EvaluateConfig:
     return dataclasses.replace(cfg, reward_options=scored.get("reward_options", {}))
 
 
+def check_tuned_base(run: RunDir, tuned_dir: Path) -> None:
+    """A tuned model trained on another base model than the run's is refused (its train summary
+    records the base; older summaries name their run, whose base_model.json is read)."""
+    summary_path = tuned_dir / "train_summary.json"
+    if not summary_path.is_file():
+        return  # a merged model (soup) or weights from elsewhere: nothing recorded to compare
+    summary = json.loads(summary_path.read_text())
+    trained_on = summary.get("base_model")
+    origin = Path(summary.get("config", {}).get("run", "")) / "base_model.json"
+    if trained_on is None and origin.is_file():
+        trained_on = json.loads(origin.read_text())
+    base = run.read_base_model()
+    if trained_on is not None and trained_on != base:
+        name = (trained_on.get("path") or trained_on.get("family"), base.get("path") or base.get("family"))
+        raise CapoError(f"was trained on base model {name[0]!r}, but this run's base is {name[1]!r}",
+                        path=str(tuned_dir))
+
+
+def output_dir(run: RunDir, cfg: EvaluateConfig, tuned_dir: Path) -> Path:
+    """--out, else RUN/eval for the run's own model, else RUN/eval-NAME-HASH (never RUN/eval)."""
+    if cfg.out:
+        return Path(cfg.out)
+    if tuned_dir.resolve() == run.model_dir.resolve():
+        return run.eval_dir
+    tag = hashlib.sha256(str(tuned_dir.resolve()).encode()).hexdigest()[:8]
+    return run.root / f"eval-{tuned_dir.name}-{tag}"
+
+
 def evaluate(run: RunDir, cfg: EvaluateConfig) -> dict[str, Any]:
     """Write eval/results.json, results.md, scores.csv, grid.png; returns the results dict. Under
     torchrun / accelerate launch the prompt chunks are split over the processes
@@ -265,12 +297,14 @@ def evaluate(run: RunDir, cfg: EvaluateConfig) -> dict[str, Any]:
     tuned_dir = Path(cfg.tuned) if cfg.tuned else run.model_dir
     if not tuned_dir.is_dir():
         raise CapoError("no tuned model; run `capo train` first (or pass --tuned DIR)", path=str(tuned_dir))
+    check_tuned_base(run, tuned_dir)
     cfg = with_score_options(run, cfg)
     scored = run.load_config().get("score", {}).get("reward")
     names = cfg.reward or scored or run.reward_names() or DEFAULT_REWARDS
     from capo.pipeline.evalshard import evaluate_sharded
 
-    return evaluate_sharded(run, Evaluation.of(run, cfg, list(names)), tuned_dir)
+    return evaluate_sharded(run, Evaluation.of(run, cfg, list(names)), tuned_dir,
+                            output_dir(run, cfg, tuned_dir))
 
 
 def results_markdown(results: dict[str, Any]) -> str:

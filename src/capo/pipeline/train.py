@@ -285,7 +285,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                "seconds": round(time.time() - began, 3), "last_metrics": metrics,
                "weight_mean": tr.weight_mean, "normalize_weighting": config.normalize_weighting,
                "diagnostics": diagnostics.summary(),
-               "config": dataclasses.asdict(config)}
+               "config": dataclasses.asdict(config), "base_model": tr.run.read_base_model()}
     save_model(tr, summary)
     for tracker in acc.trackers:  # not end_training(): it ends the process group `capo run` goes on with
         tracker.finish()
