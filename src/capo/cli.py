@@ -63,9 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = user_error(e)
         if error is None or args.debug:
             raise
+        close_progress_bars()  # the error starts its own line, not the end of a bar's
         print(f"capo {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars an exception left open (each ends its line)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def run_lock(args: argparse.Namespace) -> Any:

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from capo.errors import CapoError
+from capo.pipeline.integrity import check_parquet
 from capo.pipeline.rundir import TORCH_DTYPES, RunDir, shard_files
 
 STORE_DIR, LATENTS_FILE, EMBEDDINGS_FILE = "trainset", "latents.arrow", "embeddings.arrow"
@@ -164,6 +165,7 @@ def _fixed_rows(values: torch.Tensor) -> tuple[pa.Array, dict]:
 
 def _shard_batches(directory: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
     for _, path in sorted(shard_files(directory).items()):
+        check_parquet(path)  # a truncated shard is an error naming it
         yield from pq.ParquetFile(path).iter_batches(batch_size=WRITE_ROWS, columns=columns)
 
 
