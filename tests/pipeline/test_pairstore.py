@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from test_train import base_model, make_run, tensors  # noqa: F401 - base_model is a fixture
@@ -10,7 +11,7 @@ from test_train import base_model, make_run, tensors  # noqa: F401 - base_model 
 from capo.errors import CapoError
 from capo.models.base import detect_family, load_model
 from capo.pipeline import pairstore
-from capo.pipeline.rundir import PAIRS_SCHEMA, samples_table, shard_name, write_table_atomic
+from capo.pipeline.rundir import PAIRS_SCHEMA, embeddings_table, samples_table, shard_name, write_table_atomic
 from capo.pipeline.trainset import PairSet, StepBatches, pair_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +42,27 @@ def test_store_holds_exactly_the_pairs_latents_and_is_built_once(tmp_path, base_
     write_table_atomic(pa.table(table, schema=PAIRS_SCHEMA), run.pairs_path)
     again = PairSet.from_run(run)
     assert torch.equal(again.latents[again.positives.at(0, 0)[0]], latents[(again.prompt_ids[0], 2)])
+
+
+def test_store_reads_across_shards(tmp_path, base_model):  # noqa: F811
+    run = make_run(tmp_path / "shards", base_model, n_prompts=5)
+    cached = run.read_embeddings()  # + a second key: safetensors blobs list their keys in any order
+    pids = list(cached)
+    emb = {"encoder_hidden_states": torch.stack([cached[p]["encoder_hidden_states"] for p in pids]),
+           "pooled": torch.randn(len(pids), 3)}
+    write_table_atomic(embeddings_table(pids, emb), run.embeddings_dir / shard_name(0, 0))
+    for directory in (run.samples_dir, run.embeddings_dir):  # two chunks: rows split 3 + rest
+        table = pq.read_table(directory / shard_name(0, 0))
+        cut = 3 * (table.num_rows // 5)
+        write_table_atomic(table.slice(0, cut), directory / shard_name(0, 0))
+        write_table_atomic(table.slice(cut), directory / shard_name(1, 1))
+    data, latents, embeddings = PairSet.from_run(run), run.read_latents(), run.read_embeddings()
+    for p, pid in enumerate(data.prompt_ids):
+        row, _ = data.negatives.at(p, 0)
+        assert torch.equal(data.latents[row], latents[(pid, 3)])
+        assert sorted(data.emb) == ["encoder_hidden_states", "pooled"]
+        for name, column in data.emb.items():
+            assert torch.equal(column[int(data.emb_rows[p])], embeddings[pid][name])
 
 
 def test_bfloat16_latents_round_trip_and_rows_index_like_a_tensor(tmp_path, base_model):  # noqa: F811

@@ -206,7 +206,7 @@ def build_embeddings(run: RunDir, path: Path, prompt_ids: pa.Array, source: str)
         blobs = [st_load(b) for b in rows.column("embeddings").to_pylist()]
         first = first or pids[0]
         columns, tensors = {"prompt_id": rows.column("prompt_id")}, {}
-        for name in blobs[0]:
+        for name in sorted(blobs[0]):  # safetensors blobs need not list their keys in one order
             if any(b.keys() != blobs[0].keys() or b[name].shape != blobs[0][name].shape for b in blobs):
                 raise CapoError(f"embeddings of prompt {pids[-1]} differ in keys or shapes from {first}",
                                 path=str(run.embeddings_dir))
