@@ -30,6 +30,9 @@ def test_chunks_are_consecutive_prompts_with_all_their_seeds():
     assert [i for c in parts for i in c.items] == ev.items
     assert {p.prompt_id for p, _ in parts[1].items} == {prompts[2].prompt_id, prompts[3].prompt_id}
     assert E.grid_items(ev) == {0, 3, 6}  # grid_prompts = 3: seed 0 of the first three prompts
+    balanced = dataclasses.replace(ev, items=[(prompts[0], 0), (prompts[0], 1), (prompts[1], 0),
+                                              (prompts[2], 0), (prompts[2], 1), (prompts[2], 2)])
+    assert E.bounds(balanced) == [range(0, 3), range(3, 6)]  # prompts {0, 1}, {2}: all their seeds
 
 
 class Stop(Exception):
