@@ -13,14 +13,9 @@ from typing import Any
 
 from capo.errors import user_error
 
-#: subcommand -> "module:register" where register(subparsers) adds the parser and sets func
+#: subcommands -> "module:register" where register(subparsers) adds their parsers and sets func
 COMMANDS: dict[str, str] = {
-    "generate": "capo.pipeline.commands:register_generate",
-    "score": "capo.pipeline.commands:register_score",
-    "calibrate": "capo.pipeline.commands:register_calibrate",
-    "select": "capo.pipeline.commands:register_select",
-    "train": "capo.pipeline.train:register",
-    "evaluate": "capo.pipeline.commands:register_evaluate",
+    "generate score calibrate select train evaluate": "capo.pipeline.commands:register",
     "run": "capo.pipeline.run:register",
     "verify": "capo.pipeline.verify:register",
     "experiment": "capo.experiments.runner:register",

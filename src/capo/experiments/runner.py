@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,12 @@ from capo.experiments.matrix import (
     load_experiment,
     plan_to_json,
 )
-from capo.pipeline.calibrate import CalibrateConfig, calibrate_run
+from capo.pipeline.calibrate import CalibrateConfig
 from capo.pipeline.evaluate import EvaluateConfig
-from capo.pipeline.generate import GenerateConfig, generate
+from capo.pipeline.generate import GenerateConfig
+from capo.pipeline.run import STAGE
 from capo.pipeline.rundir import RunDir, write_text_atomic
-from capo.pipeline.score import ScoreConfig, score
+from capo.pipeline.score import ScoreConfig
 from capo.pipeline.select import SelectConfig, select_pairs
 
 #: data-root files a cell links to (read-only inputs of select, train and evaluate)
@@ -119,18 +121,12 @@ def timed(timings: Timings, phase: str, fn: Callable[[], bool], log: Callable[[s
 
 def prepare_data(layout: Layout, model: str, stages: Stages, timings: Timings,
                  log: Callable[[str], None]) -> RunDir:
-    """The data root of ``model``: generate, score and calibrate once (each resumes or is skipped)."""
+    """The data root of ``model``: generate, score and calibrate once (each resumes or is skipped
+    as in ``capo run``)."""
     run = RunDir.at(layout.data(model))
-    timed(timings, f"data/{model}/generate", lambda: generate(run, stages.generate[model]).written > 0, log)
-    timed(timings, f"data/{model}/score", lambda: any(score(run, stages.score).values()), log)
-
-    def calibrate() -> bool:
-        if run.calibrated_path.is_file() and run.load_config().get("calibrate") == to_dict(stages.calibrate):
-            return False
-        calibrate_run(run, stages.calibrate)
-        return True
-
-    timed(timings, f"data/{model}/calibrate", calibrate, log)
+    configs = {"generate": stages.generate[model], "score": stages.score, "calibrate": stages.calibrate}
+    for name, cfg in configs.items():
+        timed(timings, f"data/{model}/{name}", partial(STAGE[name].advance, run, cfg, False), log)
     return run
 
 

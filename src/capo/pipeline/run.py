@@ -37,7 +37,178 @@ from capo.pipeline.rundir import RunDir
 from capo.pipeline.score import ScoreConfig, score
 from capo.pipeline.select import SelectConfig, select_pairs
 
-STAGES = ("generate", "score", "calibrate", "select", "train", "evaluate")
+
+def _changed_key(saved: dict[str, Any] | None, cfg: Any) -> str | None:
+    """The first identity setting of ``cfg`` (config.identity_keys) that differs from the saved
+    one ('(never ran)' if none saved), else None."""
+    if saved is None:
+        return "(never ran)"
+    current, keys = to_dict(cfg), identity_keys(type(cfg))
+    return next((k for k in keys if saved.get(k) != current.get(k)), None)
+
+
+def saved_settings(run: RunDir, name: str) -> dict[str, Any] | None:
+    """The settings stage ``name`` last ran with. Train's are read from model/train_summary.json,
+    which appears in the same rename as the model (config.yaml is written just after it)."""
+    summary = run.model_dir / "train_summary.json"
+    if name == "train" and summary.is_file():
+        try:
+            return json.loads(summary.read_text())["config"]
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise CapoError("unreadable train summary; remove model/ and rerun", path=str(summary)) from None
+    return run.load_config().get(name)
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage, declared once: ``capo run`` runs it (``advance``), ``capo NAME`` is its
+    subcommand (``capo.pipeline.commands``), and ``capo experiment`` prepares its data roots with it.
+
+    A stage with an ``output`` reruns unless that output exists with the same identity settings and
+    nothing upstream changed, and it changed something if its output's bytes changed (a repaired
+    input that gives the same output leaves the later stages up to date); one without resumes by
+    itself (finished shards are skipped) and ``worked`` tells from its summary whether it did work.
+    ``pending`` says what a rerun would change in a run that already holds a trained model.
+    """
+
+    name: str
+    config: Callable[[], type]  # its config dataclass (train's is imported lazily: it pulls in the trainer)
+    step: Callable[[RunDir, Any], Any]  # the stage itself: (run, config) -> summary
+    summary: Callable[[Any], str]  # the summary as its subcommand prints it
+    help: str
+    description: str
+    output: Callable[[RunDir], Path] | None = None
+    worked: Callable[[Any], bool] = bool
+    pending: Callable[[Stage, RunDir, Any], str | None] | None = None  # None: nothing upstream of the model
+    main_only: bool = False  # runs in one process; under torchrun / accelerate launch the others wait
+    recomputed: bool = False  # its output is recomputed whole: after it, only its own change counts
+    runner: Callable[[Stage, RunDir, Any, bool], bool] | None = None  # instead of ``advance``'s rule
+    cli: Callable[[Any], None] | None = None  # its own subcommand (train: its config carries the run)
+
+    def changed(self, run: RunDir, cfg: Any) -> str | None:
+        """The first identity setting that differs from the one the stage last ran with, else None."""
+        return _changed_key(saved_settings(run, self.name), cfg)
+
+    def settings_changed(self, run: RunDir, cfg: Any) -> str | None:
+        key = self.changed(run, cfg)
+        return None if key is None else f"setting '{key}' changed"
+
+    def advance(self, run: RunDir, cfg: Any, dirty: bool) -> bool:
+        """Run the stage unless it is up to date (``dirty``: something upstream changed); returns
+        whether it changed anything. A stage that runs on every process asks the main one."""
+        if self.runner is not None:
+            return self.runner(self, run, cfg, dirty)
+        if self.output is None:
+            return self.worked(self.step(run, cfg))
+        output = self.output(run)
+        current = lambda: not dirty and output.exists() and self.changed(run, cfg) is None  # noqa: E731
+        if current() if self.main_only else on_main_process(process_state(), current):
+            return False
+        before = _sha256(output)
+        self.step(run, cfg)
+        return _sha256(output) != before
+
+
+def _pending_generate(stage: Stage, run: RunDir, cfg: GenerateConfig) -> str | None:
+    n = len(subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed))
+    return None if len(run.sample_shards()) >= -(-n // cfg.chunk_size) else "samples are incomplete"
+
+
+def _pending_score(stage: Stage, run: RunDir, cfg: ScoreConfig) -> str | None:
+    missing = [r for r in cfg.reward if not run.reward_path(r).is_file()]
+    return f"reward '{missing[0]}' is not scored yet" if missing else None
+
+
+def _run_train(stage: Stage, run: RunDir, cfg: Any, dirty: bool) -> bool:
+    """Train unless RUN/model matches; resume an interrupted training; never overwrite other work."""
+    from capo.pipeline.checkpoint import checkpoints
+
+    fresh = stage.changed(run, cfg) is None
+    if run.model_dir.is_dir() and not model_intact(run):
+        shutil.rmtree(run.model_dir)  # damaged: trained again (from the newest intact checkpoint)
+    if run.model_dir.is_dir():
+        if fresh and not dirty:
+            return False
+        raise CapoError("holds a model trained from other pairs or settings; use a new --run "
+                        "(or remove model/ and checkpoints/)", path=str(run.model_dir))
+    if checkpoints(run) and dirty:
+        raise CapoError("holds checkpoints of a training on other pairs; use a new --run "
+                        "(or remove checkpoints/)", path=str(run.checkpoints_dir))
+    cfg.resume = bool(checkpoints(run))
+    stage.step(run, cfg)
+    return True
+
+
+def model_intact(run: RunDir) -> bool:
+    """Whether RUN/model matches its manifest; a damaged one is reported on stderr."""
+    from capo.pipeline.integrity import damage
+
+    problem = damage(run.model_dir) or (None if (run.model_dir / "train_summary.json").is_file()
+                                        else "train_summary.json: missing")
+    if problem is not None:
+        print(f"capo run: {run.model_dir}: damaged ({problem}); training it again", file=sys.stderr)
+    return problem is None
+
+
+def _train_config() -> type:
+    from capo.pipeline.train import TrainConfig
+
+    return TrainConfig
+
+
+def _train(run: RunDir, cfg: Any) -> Any:
+    from capo.pipeline.train import train
+
+    return train(cfg)
+
+
+def _register_train(sub: Any) -> None:
+    from capo.pipeline.train import register
+
+    register(sub)
+
+
+#: the pipeline, in order
+PIPELINE: tuple[Stage, ...] = (
+    Stage("generate", lambda: GenerateConfig, generate, lambda r: (
+        f"generate: {r.prompts} prompts, {r.chunks} chunks: {r.written} written now "
+        f"({r.samples_written} samples), {r.skipped} already done"),
+        "sample N images per prompt from the base model",
+        "Generate N samples per prompt (images, final latents, seeds) and cache text embeddings; "
+        "resumes after an interruption; runs on every rank under torchrun/accelerate launch.",
+        worked=lambda r: r.written > 0, pending=_pending_generate),
+    Stage("score", lambda: ScoreConfig, score, lambda r: "score: " + ", ".join(
+        f"{name} ({n} scored now)" for name, n in r.items()),
+        "score every sample with reward models",
+        "Score all samples with each reward model (one file per reward); resumable.",
+        worked=lambda r: any(r.values()), pending=_pending_score),
+    Stage("calibrate", lambda: CalibrateConfig, calibrate_run, lambda r: (
+        f"calibrate: {r['samples']} samples of {r['prompts']} prompts, {r['rewards']} rewards"),
+        "calibrated rewards (expected win-rates, Eq. 7)",
+        "Turn raw scores into calibrated rewards and their ensemble: calibrated.parquet.",
+        output=lambda run: run.calibrated_path, pending=Stage.settings_changed, main_only=True,
+        recomputed=True),
+    Stage("select", lambda: SelectConfig, select_pairs, lambda r: (
+        f"select: {r['kept']} of {r['prompts']} prompts kept, mean |X+| {r['mean_pos']:.2f}, "
+        f"mean |X-| {r['mean_neg']:.2f}"),
+        "select training pairs (best_worst | sum | frs)",
+        "Select positive and negative sets per prompt from calibrated rewards: pairs.parquet.",
+        output=lambda run: run.pairs_path, pending=Stage.settings_changed, main_only=True, recomputed=True),
+    Stage("train", _train_config, _train, str, "", "",  # help: its own subcommand, capo.pipeline.train
+          output=lambda run: run.model_dir, pending=Stage.settings_changed, runner=_run_train,
+          cli=_register_train),
+    Stage("evaluate", lambda: EvaluateConfig, evaluate, results_markdown,
+          "base vs tuned: win-rates, scores, gold accuracy",
+          "Compare the tuned model with the base model on held-out prompts with shared initial noise: "
+          "eval/results.json, results.md, scores.csv, grid.png.",
+          output=lambda run: run.eval_dir / "results.json", recomputed=True),
+)
+STAGES = tuple(stage.name for stage in PIPELINE)
+STAGE = {stage.name: stage for stage in PIPELINE}
 
 
 def default_config() -> str:
@@ -65,23 +236,6 @@ class RunConfig:
             raise CapoError(f"config key 'stages': unknown stage '{bad[0]}' (known: {', '.join(STAGES)})")
         if self.threads is not None and self.threads < 1:
             raise CapoError(f"config key 'threads' must be >= 1, got {self.threads}")
-
-
-def _train_config_cls() -> type:
-    from capo.pipeline.train import TrainConfig
-
-    return TrainConfig
-
-
-#: stage -> its config dataclass (train's is imported lazily: it pulls in the trainer)
-STAGE_CONFIGS: dict[str, Callable[[], type]] = {
-    "generate": lambda: GenerateConfig,
-    "score": lambda: ScoreConfig,
-    "calibrate": lambda: CalibrateConfig,
-    "select": lambda: SelectConfig,
-    "train": _train_config_cls,
-    "evaluate": lambda: EvaluateConfig,
-}
 
 
 def apply_overrides(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -115,161 +269,19 @@ def resolve(
         section = dict(getattr(cfg, name) or {})
         if name == "train":
             section["run"] = cfg.run
-        stages[name] = from_dict(STAGE_CONFIGS[name](), section, source=f"{path} [{name}]")
+        stages[name] = from_dict(STAGE[name].config(), section, source=f"{path} [{name}]")
     return cfg, stages
-
-
-def _changed_key(saved: dict[str, Any] | None, cfg: Any) -> str | None:
-    """The first identity setting of ``cfg`` (config.identity_keys) that differs from the saved
-    one ('(never ran)' if none saved), else None."""
-    if saved is None:
-        return "(never ran)"
-    current, keys = to_dict(cfg), identity_keys(type(cfg))
-    return next((k for k in keys if saved.get(k) != current.get(k)), None)
-
-
-def _pending_generate(run: RunDir, cfg: GenerateConfig) -> str | None:
-    n = len(subset(load_prompts(cfg.prompts), cfg.num_prompts, cfg.seed))
-    return None if len(run.sample_shards()) >= -(-n // cfg.chunk_size) else "samples are incomplete"
-
-
-def _pending_score(run: RunDir, cfg: ScoreConfig) -> str | None:
-    missing = [r for r in cfg.reward if not run.reward_path(r).is_file()]
-    return f"reward '{missing[0]}' is not scored yet" if missing else None
-
-
-def saved_settings(run: RunDir, name: str) -> dict[str, Any] | None:
-    """The settings stage ``name`` last ran with. Train's are read from model/train_summary.json,
-    which appears in the same rename as the model (config.yaml is written just after it)."""
-    summary = run.model_dir / "train_summary.json"
-    if name == "train" and summary.is_file():
-        try:
-            return json.loads(summary.read_text())["config"]
-        except (ValueError, KeyError, UnicodeDecodeError):
-            raise CapoError("unreadable train summary; remove model/ and rerun", path=str(summary)) from None
-    return run.load_config().get(name)
-
-
-def _pending_derived(name: str) -> Callable[[RunDir, Any], str | None]:
-    def check(run: RunDir, cfg: Any) -> str | None:
-        key = _changed_key(saved_settings(run, name), cfg)
-        return None if key is None else f"setting '{key}' changed"
-
-    return check
-
-
-#: stage -> what it would change in a run that already holds a trained model (None: nothing)
-PENDING: dict[str, Callable[[RunDir, Any], str | None]] = {
-    "generate": _pending_generate,
-    "score": _pending_score,
-    "calibrate": _pending_derived("calibrate"),
-    "select": _pending_derived("select"),
-    "train": _pending_derived("train"),
-}
 
 
 def preflight(run: RunDir, cfg: RunConfig, stages: dict[str, Any]) -> None:
     """Refuse, before writing anything, a rerun that would make RUN/model stale."""
     if not run.model_dir.is_dir() or "train" not in cfg.stages:
         return
-    for name in (s for s in STAGES[:5] if s in cfg.stages):
-        reason = PENDING[name](run, stages[name])
+    for stage in (s for s in PIPELINE if s.pending is not None and s.name in cfg.stages):
+        reason = stage.pending(stage, run, stages[stage.name])
         if reason is not None:
-            raise CapoError(f"holds a model trained with other data or settings ({name}: {reason}); "
+            raise CapoError(f"holds a model trained with other data or settings ({stage.name}: {reason}); "
                             "use a new --run (or remove model/ and checkpoints/)", path=str(run.model_dir))
-
-
-def _run_train(run: RunDir, cfg: Any, dirty: bool) -> bool:
-    """Train unless RUN/model matches; resume an interrupted training; never overwrite other work."""
-    from capo.pipeline.checkpoint import checkpoints
-    from capo.pipeline.train import train
-
-    fresh = _changed_key(saved_settings(run, "train"), cfg) is None
-    if run.model_dir.is_dir() and not model_intact(run):
-        shutil.rmtree(run.model_dir)  # damaged: trained again (from the newest intact checkpoint)
-    if run.model_dir.is_dir():
-        if fresh and not dirty:
-            return False
-        raise CapoError("holds a model trained from other pairs or settings; use a new --run "
-                        "(or remove model/ and checkpoints/)", path=str(run.model_dir))
-    if checkpoints(run) and dirty:
-        raise CapoError("holds checkpoints of a training on other pairs; use a new --run "
-                        "(or remove checkpoints/)", path=str(run.checkpoints_dir))
-    cfg.resume = bool(checkpoints(run))
-    train(cfg)
-    return True
-
-
-def model_intact(run: RunDir) -> bool:
-    """Whether RUN/model matches its manifest; a damaged one is reported on stderr."""
-    from capo.pipeline.integrity import damage
-
-    problem = damage(run.model_dir) or (None if (run.model_dir / "train_summary.json").is_file()
-                                        else "train_summary.json: missing")
-    if problem is not None:
-        print(f"capo run: {run.model_dir}: damaged ({problem}); training it again", file=sys.stderr)
-    return problem is None
-
-
-def _generate(run: RunDir, cfg: GenerateConfig, dirty: bool) -> bool:
-    return generate(run, cfg).written > 0  # resumes by itself: skips finished chunks
-
-
-def _score(run: RunDir, cfg: ScoreConfig, dirty: bool) -> bool:
-    return any(score(run, cfg).values())  # resumes by itself: skips finished rewards and parts
-
-
-def _derived(name: str, fn: Callable[[RunDir, Any], Any], output: Callable[[RunDir], Path]):
-    """A stage that reruns unless its output exists with the same settings and nothing upstream
-    changed; it changed something if its output's bytes changed (a repaired input that gives the
-    same output leaves the later stages up to date)."""
-
-    def step(run: RunDir, cfg: Any, dirty: bool) -> bool:
-        same = _changed_key(run.load_config().get(name), cfg) is None
-        if not dirty and output(run).exists() and same:
-            return False
-        before = _sha256(output(run))
-        fn(run, cfg)
-        return _sha256(output(run)) != before
-
-    return step
-
-
-def _sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _evaluate(run: RunDir, cfg: EvaluateConfig, dirty: bool) -> bool:
-    """As ``_derived``, but every process evaluates its prompt chunks (capo.pipeline.evalshard);
-    the main process decides whether eval/ is up to date."""
-    output = run.eval_dir / "results.json"
-
-    def current() -> bool:
-        same = _changed_key(run.load_config().get("evaluate"), cfg) is None
-        return not dirty and output.exists() and same
-
-    if on_main_process(process_state(), current):
-        return False
-    before = _sha256(output)
-    evaluate(run, cfg)
-    return _sha256(output) != before
-
-
-#: stage -> runner(run, stage config, upstream changed) -> whether it changed anything
-RUNNERS: dict[str, Callable[[RunDir, Any, bool], bool]] = {
-    "generate": _generate,
-    "score": _score,
-    "calibrate": _derived("calibrate", calibrate_run, lambda run: run.calibrated_path),
-    "select": _derived("select", select_pairs, lambda run: run.pairs_path),
-    "train": _run_train,
-    "evaluate": _evaluate,
-}
-
-
-#: stages whose output is recomputed whole from their inputs: after them, only their own change counts
-RECOMPUTED = ("calibrate", "select", "evaluate")
-#: stages that run in one process; under torchrun / accelerate launch the others wait for it
-MAIN_ONLY = ("calibrate", "select")
 
 
 def on_main_process(state: Any, fn: Callable[[], Any]) -> Any:
@@ -306,12 +318,12 @@ def run_pipeline(
     state = process_state()
     log = log if state.is_main_process else (lambda _: None)
     dirty = False
-    for name in (s for s in STAGES if s in cfg.stages):
+    for stage in (s for s in PIPELINE if s.name in cfg.stages):
         began = time.time()
-        step = partial(RUNNERS[name], run, stages[name], dirty)
-        changed = on_main_process(state, step) if name in MAIN_ONLY else step()
-        dirty = changed if name in RECOMPUTED else dirty or changed
-        log(f"[capo run] {name}: {'done' if changed else 'up to date'} ({time.time() - began:.1f} s)")
+        step = partial(stage.advance, run, stages[stage.name], dirty)
+        changed = on_main_process(state, step) if stage.main_only else step()
+        dirty = changed if stage.recomputed else dirty or changed
+        log(f"[capo run] {stage.name}: {'done' if changed else 'up to date'} ({time.time() - began:.1f} s)")
     if state.is_main_process:
         run.save_config("run", {"run": cfg.run, "stages": list(cfg.stages), "threads": cfg.threads})
     state.wait_for_everyone()
