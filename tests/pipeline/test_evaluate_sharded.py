@@ -42,7 +42,7 @@ class Stop(Exception):
 def test_interrupted_evaluation_resumes_with_the_chunks_left(tmp_path, models, monkeypatch):  # noqa: F811
     base, _, other = models
     whole = make_run(tmp_path / "whole", base)
-    evaluate(whole, config(other, chunk_size=2))
+    evaluate(whole, config(other, chunk_size=2, out=str(whole.eval_dir)))
     cut = make_run(tmp_path / "cut", base)
     write = E.write_table_atomic
 
@@ -52,7 +52,7 @@ def test_interrupted_evaluation_resumes_with_the_chunks_left(tmp_path, models, m
 
     monkeypatch.setattr(E, "write_table_atomic", die_after_first_part)
     with pytest.raises(Stop):
-        evaluate(cut, config(other, chunk_size=2))
+        evaluate(cut, config(other, chunk_size=2, out=str(cut.eval_dir)))
     monkeypatch.setattr(E, "write_table_atomic", write)
     (parts,) = cut.eval_dir.glob(".parts-*")
     assert [p.name for p in parts.iterdir()] == ["part-00000-00000.parquet"]
@@ -63,7 +63,7 @@ def test_interrupted_evaluation_resumes_with_the_chunks_left(tmp_path, models, m
         return sample(self, adapter, desc)
 
     monkeypatch.setattr(Evaluation, "sample", logged)
-    evaluate(cut, config(other, chunk_size=2))
+    evaluate(cut, config(other, chunk_size=2, out=str(cut.eval_dir)))
     assert sampled == [f"evaluate {g} [rank 0, chunk {c}]" for g in ("base", "tuned") for c in (1, 2)]
     assert not list(cut.eval_dir.glob(".parts-*"))  # merged, then removed
     for name in FILES:
@@ -77,7 +77,8 @@ def test_two_processes_write_the_files_of_one(tmp_path, models):  # noqa: F811
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     procs = []
     for run, prefix in zip(runs, ([sys.executable], torchrun), strict=True):
-        settings = dataclasses.asdict(config(other, chunk_size=2, device="cpu"))  # 3 chunks: ranks 0, 1, 0
+        settings = dataclasses.asdict(config(other, chunk_size=2, device="cpu", out=str(run.eval_dir)))
+        # 6 prompts in chunks of 2: chunks 0 and 2 on rank 0, chunk 1 on rank 1
         (run.root / "eval.yaml").write_text(yaml.safe_dump({"evaluate": settings}))
         args = [*prefix, "-m", "capo.cli", "evaluate", "--run-dir", str(run.root),
                 "--config", str(run.root / "eval.yaml")]
