@@ -1,21 +1,20 @@
 """Preference pair selection (DESIGN §2, paper Sec. 4.3): best/worst, weighted SUM, and FRS.
 
 numpy only. Shapes: P prompts, N samples, L reward models; mask [P, N] bool marks valid samples.
-Every rule in PAIR_RULES returns (positive [P, N] bool, negative [P, N] bool); a prompt with no
-usable pair (fewer than 2 valid samples, or all valid samples tie) has all-False rows.
+Every rule in PAIR_RULES gives (positive [P, N] bool, negative [P, N] bool), where a prompt with no
+usable pair (fewer than 2 valid samples, or all valid samples tie) has all-False rows, and the
+calibrated reward [P, N] its pairs train towards; it declares the options it takes.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from capo.calibration import check_rewards, ensemble, prompt_chunks
 from capo.errors import CapoError
-
-PairRule = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 def best_worst(
@@ -152,25 +151,50 @@ def _sum_rule(
     return _one_hot(pos_idx, ok, N), _one_hot(neg_idx, ok, N)
 
 
+def _reward_target(R_ca: np.ndarray, reward: int = 0) -> np.ndarray:
+    """best_worst's target: the chosen reward's R_ca^(reward) [P, N] of R_ca [P, N, L]."""
+    return _check_multi(R_ca)[:, :, reward]
+
+
+@dataclass(frozen=True)
+class PairRule:
+    """A pair rule (Sec. 4.3): ``sets(R_ca [P, N, L], mask, **options)`` -> (X+, X-) [P, N] bool,
+    ``target(R_ca, **options)`` -> the calibrated reward [P, N] its pairs train towards, and the
+    keyword ``options`` both take."""
+
+    sets: Callable[..., tuple[np.ndarray, np.ndarray]]
+    target: Callable[..., np.ndarray]
+    options: tuple[str, ...] = ()
+
+    def __call__(self, R_ca: np.ndarray, mask: np.ndarray | None = None,
+                 **options: object) -> tuple[np.ndarray, np.ndarray]:
+        return self.sets(R_ca, mask, **options)
+
+
 PAIR_RULES: dict[str, PairRule] = {
-    "best_worst": _best_worst_rule,
-    "sum": _sum_rule,
-    "frs": frontier_sets,
+    "best_worst": PairRule(_best_worst_rule, _reward_target, ("reward",)),
+    "sum": PairRule(_sum_rule, weighted_ensemble, ("weights",)),
+    "frs": PairRule(frontier_sets, lambda R_ca: ensemble(_check_multi(R_ca))),
 }
+
+
+def pair_rule(rule: str, **opts: object) -> PairRule:
+    """PAIR_RULES[rule], after checking ``opts`` against its options; unknown rule names or options
+    are CapoErrors."""
+    if rule not in PAIR_RULES:
+        raise CapoError(f"unknown pair rule '{rule}'; choose from {sorted(PAIR_RULES)}")
+    allowed = PAIR_RULES[rule].options
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise CapoError(f"pair rule '{rule}' has no option(s) {unknown}; allowed: {sorted(allowed)}")
+    return PAIR_RULES[rule]
 
 
 def select(
     rule: str, R_ca: np.ndarray, mask: np.ndarray | None = None, **opts: object
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run PAIR_RULES[rule](R_ca, mask, **opts); unknown rule names or options are CapoErrors."""
-    if rule not in PAIR_RULES:
-        raise CapoError(f"unknown pair rule '{rule}'; choose from {sorted(PAIR_RULES)}")
-    fn = PAIR_RULES[rule]
-    allowed = set(inspect.signature(fn).parameters) - {"R_ca", "mask"}
-    unknown = sorted(set(opts) - allowed)
-    if unknown:
-        raise CapoError(f"pair rule '{rule}' has no option(s) {unknown}; allowed: {sorted(allowed)}")
-    return fn(R_ca, mask, **opts)
+    """(X+, X-) of rule ``rule`` with options ``opts`` (see ``pair_rule``)."""
+    return pair_rule(rule, **opts).sets(R_ca, mask, **opts)
 
 
 def draw_pair(

@@ -1,10 +1,11 @@
 """Stage ``select``: training pairs from calibrated rewards (Sec. 4.3) -> pairs.parquet.
 
-Rules (``capo.pairs.PAIR_RULES``): ``best_worst`` on one reward, ``sum`` of weighted rewards,
-``frs`` (frontier-based rejection sampling). For every prompt with a usable pair the file lists
-the positive set X+ and negative set X- (sample indices) and the target calibrated reward of each
-listed sample: the chosen reward's R_ca for best_worst, the weighted ensemble Σ_j w_j R_ca^(j) / Σ_j w_j
-for sum (the ensemble for uniform weights), the ensemble R_ca for frs.
+Rules (``capo.pairs.PAIR_RULES``, each with its options and its target): ``best_worst`` on one
+reward, ``sum`` of weighted rewards, ``frs`` (frontier-based rejection sampling). For every prompt
+with a usable pair the file lists the positive set X+ and negative set X- (sample indices) and the
+target calibrated reward of each listed sample: the chosen reward's R_ca for best_worst, the
+weighted ensemble Σ_j w_j R_ca^(j) / Σ_j w_j for sum (the ensemble for uniform weights), the
+ensemble R_ca for frs.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from capo.calibration import ensemble
 from capo.config import doc, to_dict
 from capo.errors import CapoError
-from capo.pairs import PAIR_RULES, select, weighted_ensemble
+from capo.pairs import PAIR_RULES, pair_rule
 from capo.pipeline.calibrate import calibrated_arrays
 from capo.pipeline.rundir import PAIRS_SCHEMA, RunDir, write_table_atomic
 
@@ -34,40 +34,34 @@ class SelectConfig:
                                "(default: uniform)", [])
 
     def validate(self) -> None:
-        if self.reward is not None and self.rule != "best_worst":
-            raise CapoError(f"config key 'reward' applies to rule best_worst only, not '{self.rule}'")
-        if self.weights and self.rule != "sum":
-            raise CapoError(f"config key 'weights' applies to rule sum only, not '{self.rule}'")
+        given = [k for k, v in (("reward", self.reward is not None), ("weights", self.weights)) if v]
+        for key in (k for k in given if k not in PAIR_RULES[self.rule].options):  # the rule's options
+            owners = " | ".join(r for r, rule in PAIR_RULES.items() if key in rule.options)
+            raise CapoError(f"config key '{key}' applies to rule {owners} only, not '{self.rule}'")
 
 
-def _best_worst(cfg: SelectConfig, names: list[str], R_ca: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+def rule_options(cfg: SelectConfig, names: list[str]) -> dict[str, Any]:
+    """The options of rule ``cfg.rule`` (``PAIR_RULES[rule].options``) from the config, for the
+    calibrated rewards ``names``: reward -> its column index, weights -> float64 [L] (None: uniform)."""
+    return {key: OPTIONS[key](cfg, names) for key in PAIR_RULES[cfg.rule].options}
+
+
+def _reward_index(cfg: SelectConfig, names: list[str]) -> int:
     reward = cfg.reward or names[0]
     if reward not in names:
         raise CapoError(f"config key 'reward': '{reward}' is not calibrated (calibrated: {', '.join(names)})")
-    j = names.index(reward)
-    return {"reward": j}, R_ca[:, :, j]
+    return names.index(reward)
 
 
-def _sum(cfg: SelectConfig, names: list[str], R_ca: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+def _weights(cfg: SelectConfig, names: list[str]) -> np.ndarray | None:
     if cfg.weights and len(cfg.weights) != len(names):
         raise CapoError(f"config key 'weights' has {len(cfg.weights)} values for {len(names)} rewards "
                         f"({', '.join(names)})")
-    weights = np.asarray(cfg.weights, dtype=np.float64) if cfg.weights else None
-    return {"weights": weights}, weighted_ensemble(R_ca, weights)
+    return np.asarray(cfg.weights, dtype=np.float64) if cfg.weights else None
 
 
-def _frs(cfg: SelectConfig, names: list[str], R_ca: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    return {}, ensemble(R_ca)
-
-
-RuleOptions = Callable[[SelectConfig, list[str], np.ndarray], tuple[dict[str, Any], np.ndarray]]
-
-#: rule -> (rule options, target R_ca [P, N]) from the config and the calibrated table
-RULE_OPTIONS: dict[str, RuleOptions] = {
-    "best_worst": _best_worst,
-    "sum": _sum,
-    "frs": _frs,
-}
+#: rule option -> its value from the config key of the same name
+OPTIONS: dict[str, Callable[[SelectConfig, list[str]], Any]] = {"reward": _reward_index, "weights": _weights}
 
 
 def pairs_table(prompt_ids: list[str], positive: np.ndarray, negative: np.ndarray, target: np.ndarray,
@@ -92,9 +86,10 @@ def pairs_table(prompt_ids: list[str], positive: np.ndarray, negative: np.ndarra
 def select_pairs(run: RunDir, cfg: SelectConfig) -> dict[str, float]:
     """Write pairs.parquet; returns counts: prompts, kept, mean |X+|, mean |X-|."""
     prompt_ids, names, R_ca, mask = calibrated_arrays(run)
-    opts, target = RULE_OPTIONS[cfg.rule](cfg, names, R_ca)
-    positive, negative = select(cfg.rule, R_ca, mask, **opts)
-    table = pairs_table(prompt_ids, positive, negative, target, cfg.rule)
+    opts = rule_options(cfg, names)
+    rule = pair_rule(cfg.rule, **opts)
+    positive, negative = rule.sets(R_ca, mask, **opts)
+    table = pairs_table(prompt_ids, positive, negative, rule.target(R_ca, **opts), cfg.rule)
     write_table_atomic(table, run.pairs_path)
     run.save_config("select", to_dict(cfg))
     kept = table.num_rows
