@@ -74,3 +74,15 @@ def test_card_of_a_local_model_without_evaluation(tmp_path):
     assert "base_model" not in card.data.to_dict() and "merged" in card.data.to_dict()["tags"]
     assert 'DiffusionPipeline.from_pretrained("/out")' in card.text
     assert "No evaluation recorded" in card.text
+
+
+def test_card_of_a_soup_names_its_members(tmp_path):
+    run = _run(tmp_path)
+    member = tmp_path / "cell" / "model"
+    member.mkdir(parents=True)
+    (member / "train_summary.json").write_text(json.dumps({"config": {**TRAIN, "objective": "dpo"}}))
+    (run.model_dir / "soup.json").write_text(json.dumps({"method": "linear", "members": [str(member)]}))
+    card = ModelCard(model_card(run, SPEC, run.model_dir, "merged", "diffusers", repo="me/soup"))
+    assert card.data.to_dict()["base_model_relation"] == "merge"
+    assert "`linear` merge of the task vectors of 1 fine-tunes" in card.text
+    assert "  - `cell`: Pair rule: not recorded. Objective: `dpo`, beta = 500" in card.text

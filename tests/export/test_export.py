@@ -87,6 +87,7 @@ def test_soup_exports_merged(tiny_models, tmp_path):
     merged = DiffusionPipeline.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(diffusers_latents(merged, adapter), tuned, rtol=0, atol=1e-4)
     card = (tmp_path / "out" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "merged" in card.split("---")[1]
     assert "`slerp` merge of the task vectors of 2 fine-tunes" in card
     assert card.count("Pair rule: `frs`. Objective: `capo`") == 2 and card.count("LoRA rank 4, alpha 8") == 2
 

@@ -176,6 +176,7 @@ def model_card(run: RunDir, spec: dict[str, Any], model_dir: Path, fmt: str, wor
     config = _config(run.root)
     base = hub_id(spec)
     tag, relation = RELATIONS[fmt]
+    relation = {True: "merge", False: relation}[(model_dir / "soup.json").is_file()]  # soups merge models
     data = ModelCardData(base_model=base, library_name=LIBRARIES[world], pipeline_tag="text-to-image",
                          tags=["text-to-image", "capo", "preference-optimization", spec["family"], tag],
                          base_model_relation=relation if base else None)
