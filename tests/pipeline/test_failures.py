@@ -290,3 +290,34 @@ def test_non_finite_loss_stops_training_naming_the_step(world, tmp_path, capsys)
         pq.write_table(t, shard)
     one_line_error(capsys, tiny_train(world, run), "train: step 1: loss is nan", run)
     assert not (run / "model").exists()
+
+
+# --- repair: damaged regenerable files are made again, a damaged checkpoint is passed over --------
+HISTORY = ("config.yaml", "model/train_summary.json", "model/manifest.json")
+
+
+def outputs(run: Path) -> dict[str, str]:
+    """sha256 of what the stages made (not logs, checkpoints, caches or records of the history)."""
+    return {k: v for k, v in snapshot(run).items() if k not in HISTORY and k != LOCK
+            and Path(k).parts[0] not in ("logs", "checkpoints", "trainset")}
+
+
+def test_capo_run_repairs_a_damaged_run_to_the_same_outputs(world, tmp_path, capsys):
+    run = copy_run(world, tmp_path)
+    for name in ("samples/part-00000-00001.parquet", "rewards/shapes-aesthetic.parquet"):
+        truncate(run / name)
+    truncate(run / "model" / "adapter_model.safetensors", 1000)
+    truncate(run / "checkpoints" / "step-2" / "random_states_0.pkl", 10)
+    (run / "samples" / ".part-00000-00009.parquet.tmp-1").write_bytes(b"half")
+    capsys.readouterr()
+    assert main(["verify", "--run", str(run)]) == 2
+    report = capsys.readouterr().out
+    for name in ("part-00000-00001.parquet", "shapes-aesthetic.parquet", "model", "step-2", ".tmp-1"):
+        assert name in report, report
+    assert main(["run", "--config", str(world["config"]), "--run", str(run)]) == 0
+    err = capsys.readouterr().err
+    for said in ("generating chunk 1 again", "scoring it again", "training it again",
+                 "step-2: damaged (random_states_0.pkl", "resuming from"):
+        assert said in err, err[-3000:]
+    assert outputs(run) == outputs(world["done"])
+    assert main(["verify", "--run", str(run)]) == 0

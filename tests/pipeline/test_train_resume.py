@@ -76,6 +76,9 @@ def test_stop_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, whole,
     assert summary["resumed_from"] == 3
     assert sorted(checkpoints(cut)) == [6]  # keep_checkpoints=1 pruned step-3
     assert_same_weights(whole, cut)
+    again = T.train(config(cut, resume=True, **SETTINGS))  # a resume of a finished run keeps its metrics
+    assert again["resumed_from"] == 6 and again["last_metrics"] == summary["last_metrics"] != {}
+    assert_same_weights(whole, cut)
 
 
 def cli(run, *extra):

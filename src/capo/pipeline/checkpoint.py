@@ -76,7 +76,8 @@ def save_checkpoint(tr: Trainer, step: int) -> Path:
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        position = {"step": step, "config": dataclasses.asdict(tr.config), "files": manifest(tmp)}
+        position = {"step": step, "config": dataclasses.asdict(tr.config), "metrics": tr.last_metrics,
+                    "files": manifest(tmp)}
         (tmp / "position.json").write_text(json.dumps(position, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -147,6 +148,7 @@ def resume(tr: Trainer) -> int:
         print(f"capo train: resuming from {newest} (step {saved['step']})", file=sys.stderr)
     try:
         tr.accelerator.load_state(str(newest))
+        tr.last_metrics = dict(saved.get("metrics", {}))
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CapoError(f"cannot load this checkpoint ({type(e).__name__}: {str(e)[:160]}); remove it to "
                         "resume from an older one", path=str(newest)) from None

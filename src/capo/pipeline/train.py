@@ -129,6 +129,7 @@ class Trainer:
     params: list[nn.Parameter]
     weighting: Weighting  # f(t), divided by weight_mean when config.normalize_weighting
     weight_mean: float  # E_t f(t) of the un-normalised f under the training t-distribution
+    last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # kept in checkpoints
 
 
 def setup(config: TrainConfig) -> Trainer:
@@ -249,6 +250,7 @@ def save_model(tr: Trainer, summary: dict[str, Any]) -> None:
         save_file(weights, tmp / (LORA_FILE if tr.config.lora else FULL_FILE))
         if tr.config.lora:
             denoiser.peft_config["default"].save_pretrained(str(tmp))
+            _sort_targets(tmp / "adapter_config.json")
         # the summary holds the config: the model and the record describing it appear in one rename
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=1))
         write_manifest(tmp)
@@ -264,14 +266,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     acc, start, began = tr.accelerator, resume(tr), time.time()
     acc.init_trackers("capo-train", config={k: v for k, v in dataclasses.asdict(config).items()
                                             if v is not None})
-    metrics: dict[str, float] = {}
+    metrics = dict(tr.last_metrics)  # a resume at max_steps keeps the checkpoint's last metrics
     diagnostics = Diagnostics(config.objective, config.beta, config.max_steps, config.warmup_steps)
     bar = tqdm(total=config.max_steps, initial=start, desc="train", disable=not acc.is_local_main_process)
     steps = range(start, config.max_steps)
     loader = pair_loader(step_batches(tr), steps, config.loader_workers, config.loader_prefetch,
                          pin_memory=acc.device.type == "cuda")
     for step, batch in zip(steps, loader, strict=True):
-        metrics = optimizer_step(tr, step, batch)
+        metrics = tr.last_metrics = optimizer_step(tr, step, batch)
         acc.log(metrics, step=step + 1)
         bar.update()
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics['implicit_acc']:.2f}")
@@ -290,6 +292,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for tracker in acc.trackers:  # not end_training(): it ends the process group `capo run` goes on with
         tracker.finish()
     return summary
+
+
+def _sort_targets(path: Path) -> None:
+    """peft writes target_modules from a set (its order changes from process to process): sorted,
+    the same training writes the same bytes."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
