@@ -1,4 +1,4 @@
-"""Implicit reward and DPO / IPO / CaPO losses (paper Sec. 3, Eq. 5, 8; DESIGN §2)."""
+"""Implicit reward and DPO / IPO / CaPO losses (paper Sec. 3, Eq. 5, 8; docs/design.md §2.4, §2.5)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Schedules and ε-conversion (DESIGN §2): hand-derived values, derivatives, round trips."""
+"""Schedules and ε-conversion (docs/design.md §2.1, §2.2): hand-derived values, derivatives, round trips."""
 
 import math
 

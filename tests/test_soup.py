@@ -1,4 +1,4 @@
-"""Model soups and LoRA merging (paper Sec. 5.2, DESIGN §2): one merge over task vectors."""
+"""Model soups and LoRA merging (paper Sec. 5.2, docs/design.md §2.9): one merge over task vectors."""
 
 import copy
 import itertools

@@ -1,4 +1,4 @@
-"""Loss weighting f(t) = −λ'_t w(λ_t) (paper Sec. 4.4, DESIGN §2)."""
+"""Loss weighting f(t) = −λ'_t w(λ_t) (paper Sec. 4.4, docs/design.md §2.3)."""
 
 import math
 

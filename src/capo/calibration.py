@@ -1,4 +1,5 @@
-"""Calibrated rewards (DESIGN §2, paper Sec. 4.2): raw scores -> Bradley-Terry logits -> win-rates.
+"""Calibrated rewards (docs/design.md §2.6, §2.7; paper Sec. 4.2): raw scores -> Bradley-Terry
+logits -> win-rates.
 
 numpy only. Shapes: P prompts, N samples per prompt, L reward models. A boolean mask [P, N]
 marks the valid samples of ragged prompts; invalid entries of every output are NaN.

@@ -1,4 +1,4 @@
-"""Implicit reward and the preference objectives (paper Sec. 3, Eq. 4, 5, 8; DESIGN §2).
+"""Implicit reward and the preference objectives (paper Sec. 3, Eq. 4, 5, 8; docs/design.md §2.4, §2.5).
 
 All losses are per pair, shape [B], never reduced: the trainer averages them.
 """

@@ -1,4 +1,4 @@
-"""Preference pair selection (DESIGN §2, paper Sec. 4.3): best/worst, weighted SUM, and FRS.
+"""Preference pair selection (docs/design.md §2.8, paper Sec. 4.3): best/worst, weighted SUM, and FRS.
 
 numpy only. Shapes: P prompts, N samples, L reward models; mask [P, N] bool marks valid samples.
 Every rule in PAIR_RULES gives (positive [P, N] bool, negative [P, N] bool), where a prompt with no

@@ -1,4 +1,4 @@
-"""Noise schedules and the conversion of every model output to ε (DESIGN §2).
+"""Noise schedules and the conversion of every model output to ε (docs/design.md §2.1, §2.2).
 
 Forward process x_t = α_t x + σ_t ε, log-SNR λ_t = log(α_t² / σ_t²), λ'_t = dλ_t/dt, where t is
 the variable sampled uniformly. Each schedule's ``__call__(t)`` returns (α_t, σ_t, λ_t, λ'_t),
@@ -170,7 +170,7 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-# ε̂ from a model output (DESIGN §2 "Prediction to ε-error"); fn(out, x_t, α, σ) -> ε̂.
+# ε̂ from a model output (docs/design.md §2.2); fn(out, x_t, α, σ) -> ε̂.
 def _eps_from_epsilon(out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     return out  # ε̂ = out
 
@@ -217,14 +217,14 @@ def _lookup(table: dict, prediction_type: str) -> Callable[..., Tensor]:
 
 
 def add_noise(x: Tensor, eps: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
-    """x_t = α_t x + σ_t ε (DESIGN §2); x, ε [B, ...], t [B] -> x_t [B, ...]."""
+    """x_t = α_t x + σ_t ε (docs/design.md §2.1); x, ε [B, ...], t [B] -> x_t [B, ...]."""
     alpha, sigma, _, _ = schedule(t)
     return _bcast(alpha, x) * x + _bcast(sigma, x) * eps
 
 
 def to_epsilon(output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str,
                schedule: Schedule) -> Tensor:
-    """ε̂ from a raw model output (DESIGN §2): output, x_t [B, ...], t [B] -> ε̂ [B, ...]."""
+    """ε̂ from a raw model output (docs/design.md §2.2): output, x_t [B, ...], t [B] -> ε̂ [B, ...]."""
     alpha, sigma, _, _ = schedule(t)
     fn = _lookup(PREDICTIONS, prediction_type)
     return fn(output, x_t, _bcast(alpha, x_t), _bcast(sigma, x_t))
@@ -239,6 +239,6 @@ def target_of(x: Tensor, eps: Tensor, t: Tensor, prediction_type: str,
 
 
 def per_sample_error(eps_hat: Tensor, eps: Tensor) -> Tensor:
-    """e = mean over non-batch elements of (ε̂ − ε)² (DESIGN §2), in float32; [B, ...] -> [B]."""
+    """e = mean over non-batch elements of (ε̂ − ε)² (docs/design.md §2.2), in float32; [B, ...] -> [B]."""
     diff = eps_hat.float() - eps.float()
     return diff.pow(2).flatten(1).mean(dim=1)

@@ -1,4 +1,4 @@
-"""Model soups: merge k models fine-tuned from one base θ₀ (paper Sec. 5.2, DESIGN §2).
+"""Model soups: merge k models fine-tuned from one base θ₀ (paper Sec. 5.2, docs/design.md §2.9).
 
 Task vectors τ_i = θ_i − θ₀ are merged per tensor by ``merge_task_vectors``, linearly
 (θ₀ + Σ w_i τ_i) or by a weighted spherical mean (slerp for two models, order-independent for

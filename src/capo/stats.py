@@ -1,4 +1,4 @@
-"""Evaluation statistics (DESIGN §2 "Evaluation", paper Sec. 5): win-rate vs base, bootstrap CIs.
+"""Evaluation statistics (docs/design.md §2.10, paper Sec. 5): win-rate vs base, bootstrap CIs.
 
 numpy only. tuned/base scores are [P, S]: P held-out prompts, S seeds (same noise for both models).
 A category-balanced evaluation gives prompts different numbers of seeds: its [P, S_max] arrays hold

@@ -1,4 +1,4 @@
-"""Loss weighting f(t) = −λ'_t · w(λ_t) of the implicit reward (paper Sec. 4.4, DESIGN §2).
+"""Loss weighting f(t) = −λ'_t · w(λ_t) of the implicit reward (paper Sec. 4.4, docs/design.md §2.3).
 
 Each factory returns ``f(schedule, t) -> Tensor[B]`` for t of shape [B]. t is kept inside the
 schedule's [t_min, t_max], where λ_t and λ'_t are finite, so f is always finite.

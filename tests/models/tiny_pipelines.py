@@ -49,7 +49,7 @@ def _seeded(seed: int) -> None:
 
 
 def _frozen(module: torch.nn.Module) -> torch.nn.Module:
-    """eval mode, dropout probabilities zeroed (DESIGN helper rule for models built from configs)."""
+    """eval mode, dropout probabilities zeroed (the project rule for models built from configs)."""
     for m in module.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

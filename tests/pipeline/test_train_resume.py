@@ -1,4 +1,4 @@
-"""Interrupted training resumes to exactly the weights of an uninterrupted run (DESIGN §7)."""
+"""Interrupted training resumes to exactly the weights of an uninterrupted run (docs/design.md §7)."""
 
 from __future__ import annotations
 

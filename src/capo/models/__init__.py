@@ -1,4 +1,4 @@
-"""Model-family adapters behind one interface (DESIGN §3), chosen from an explicit table."""
+"""Model-family adapters behind one interface (docs/design.md §3), chosen from an explicit table."""
 
 from capo.models.base import MODELS, DiffusionAdapter, SampleOutput, load_model
 

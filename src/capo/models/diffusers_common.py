@@ -1,4 +1,4 @@
-"""What the diffusers-backed adapters (SD, SDXL, SD3, FLUX) share (DESIGN §3).
+"""What the diffusers-backed adapters (SD, SDXL, SD3, FLUX) share (docs/design.md §3).
 
 Loading (dtype/device, denoiser-only loads, scheduler choice), per-sample seeded initial noise,
 VAE decoding and the generation loop around the diffusers pipeline itself. A family module adds

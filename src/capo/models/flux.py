@@ -1,4 +1,4 @@
-"""FLUX.1 [dev] / [schnell]: transformer on packed 2×2 latent patches, rectified flow (DESIGN §3).
+"""FLUX.1 [dev] / [schnell]: transformer on packed 2×2 latent patches, rectified flow (docs/design.md §3).
 
 Latents are kept unpacked, [B, C, H, W], everywhere outside ``denoise`` (the cache and the
 trainer see the same layout as the other families); ``denoise`` packs them into

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x: UNet, ε- or v-prediction, discrete VP schedule (DESIGN §3).
+"""Stable Diffusion 1.x / 2.x: UNet, ε- or v-prediction, discrete VP schedule (docs/design.md §3).
 
 Defaults follow the paper's sampling settings for UNet models: DDIM, 50 steps, guidance 7.5.
 The prediction type (``epsilon`` for SD1.x / SD2-base, ``v_prediction`` for SD2-768) and the ᾱ

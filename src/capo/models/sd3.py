@@ -1,4 +1,5 @@
-"""SD3 / SD3.5: MMDiT transformer, rectified flow with timestep shift, three text encoders (DESIGN §3).
+"""SD3 / SD3.5: MMDiT transformer, rectified flow with timestep shift, three text encoders
+(docs/design.md §3).
 
 Time: u = t in (0, 1) maps to s = k u / (1 + (k − 1) u) with k = the scheduler config's ``shift``
 (3.0 for SD3-M and SD3.5); the transformer is called at timestep s · 1000, as the pipeline does

@@ -1,4 +1,4 @@
-"""SDXL: UNet with two CLIP text encoders, pooled embeddings and added time ids; VP (DESIGN §3).
+"""SDXL: UNet with two CLIP text encoders, pooled embeddings and added time ids; VP (docs/design.md §3).
 
 The paper's SDXL settings are the shipped defaults: DDIM, 50 steps, guidance 7.5. The added
 time ids are (original_size, crop top-left, target_size) = ((H, W), (0, 0), (H, W)) of the

@@ -1,4 +1,4 @@
-"""The two tiny shapes models behind the adapter interface (DESIGN §3, §5) and their sampler.
+"""The two tiny shapes models behind the adapter interface (docs/design.md §3, §5) and their sampler.
 
 Both are pixel-space: the latent is the image in [-1, 1], shape [3, 32, 32]. ``shapes-vp`` is
 SDXL-like (SDXL's VP schedule, ε-prediction, DDIM sampling); ``shapes-flow`` is SD3-like

@@ -1,4 +1,4 @@
-"""The CaPO pipeline stages over a run directory (DESIGN §1): generate, score, calibrate, select,
+"""The CaPO pipeline stages over a run directory (docs/design.md §1): generate, score, calibrate, select,
 train, evaluate, and ``run`` (all of them). Each is a library function and a CLI subcommand."""
 
 from capo.pipeline.rundir import RunDir

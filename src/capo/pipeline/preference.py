@@ -1,4 +1,5 @@
-"""One preference step (paper Eq. 4, 5, 8; DESIGN §2): pairs in, per-pair loss and metrics out.
+"""One preference step (paper Eq. 4, 5, 8; docs/design.md §2.4, §2.5): pairs in, per-pair loss and
+metrics out.
 
 For B pairs (x+, x-) of one prompt each, K draws per pair of one t and noises eps+ and eps-:
 x_t = α_t x + σ_t ε; ε̂ = to_epsilon(denoiser output); e = mean (ε̂ − ε)²;
@@ -36,7 +37,7 @@ class Reference(Protocol):
 
 
 class LoraReference:
-    """p_ref = the policy network with its LoRA adapters disabled (DESIGN §2: no second copy)."""
+    """p_ref = the policy network with its LoRA adapters disabled (docs/design.md §2.4: no second copy)."""
 
     def __init__(self, denoiser: nn.Module):
         self.denoiser = denoiser  # the unwrapped module (not the DDP wrapper)
@@ -78,7 +79,8 @@ def denoising_with(adapter: DiffusionAdapter, module: nn.Module) -> Iterator[Dif
 
 def errors(adapter: DiffusionAdapter, module: nn.Module, x_t: Tensor, t: Tensor, eps: Tensor,
            emb: dict[str, Tensor]) -> Tensor:
-    """e(x) = mean over elements of ‖ε̂ − ε‖² (DESIGN §2) under ``module``; x_t, eps [N, ...] -> [N]."""
+    """e(x) = mean over elements of ‖ε̂ − ε‖² (docs/design.md §2.2) under ``module``;
+    x_t, eps [N, ...] -> [N]."""
     with denoising_with(adapter, module):
         out = adapter.denoise(x_t, t, emb)
     eps_hat = to_epsilon(out.float(), x_t, t, adapter.prediction_type, adapter.schedule)
@@ -90,7 +92,7 @@ def margin(adapter: DiffusionAdapter, policy: nn.Module, reference: Reference, b
     """Δ_θ = (1/K) Σ_k [R_θ(x+, t_k, ε+_k) − R_θ(x−, t_k, ε−_k)], the K-draw estimate per pair [B]
     (with grad), and e_θ, e_ref [2BK] (rows [x+ draws ; x− draws], pair-major).
 
-    Each draw k of a pair shares its t_k between x+ and x− (DESIGN §2); K = 1 is Eq. 4's
+    Each draw k of a pair shares its t_k between x+ and x− (docs/design.md §2.5); K = 1 is Eq. 4's
     single-draw estimate, and the K-draw Δ_θ is exactly the mean of the K single-draw ones.
     """
     b, k = batch.t.shape

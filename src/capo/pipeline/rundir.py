@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §1): layout, atomic Parquet shard writing, and readers.
+"""The run directory (docs/design.md §1.1): layout, atomic Parquet shard writing, and readers.
 
 Layout under ``RUN``::
 

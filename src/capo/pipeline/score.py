@@ -53,7 +53,7 @@ class ScoreConfig:
 
 
 def reward_meta(reward: RewardModel) -> dict[str, Any]:
-    """The reward's Bradley-Terry declaration (DESIGN §2, Eq. 2) as stored in its score file."""
+    """The reward's Bradley-Terry declaration (docs/design.md §2.6, Eq. 2) as stored in its score file."""
     return {"reward": reward.name, "bt_scale": float(reward.bt_scale), "transform": reward.transform,
             "higher_is_better": bool(reward.higher_is_better)}
 

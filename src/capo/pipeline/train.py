@@ -1,4 +1,4 @@
-"""``capo train``: preference fine-tuning (DPO / IPO / CaPO, DESIGN §2) of the denoiser only.
+"""``capo train``: preference fine-tuning (DPO / IPO / CaPO, docs/design.md §2.5) of the denoiser only.
 
 Reads the run's pairs.parquet and the latents and text embeddings cached by generate (no VAE
 or text encoder is loaded), trains LoRA adapters through diffusers' PEFT integration (reference

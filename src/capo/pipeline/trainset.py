@@ -1,4 +1,4 @@
-"""The training pair stream over a run directory (DESIGN §1, §2 "Preference objectives").
+"""The training pair stream over a run directory (docs/design.md §1.1, §2.5).
 
 Nothing per sample is preloaded: the pairs' cached latents and the prompts' text embeddings are
 read per batch from the run's training store (memory-mapped Arrow IPC, ``capo.pipeline.pairstore``;

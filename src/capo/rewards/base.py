@@ -1,4 +1,4 @@
-"""The RewardModel interface (DESIGN §4) and the reward table."""
+"""The RewardModel interface (docs/design.md §4) and the reward table."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class RewardModel(abc.ABC):
     Class attributes every reward states:
       name: registry name.
       needs_prompt: whether ``score`` uses the prompts.
-      bt_scale, transform: the Bradley-Terry logit is ``bt_scale * transform(raw)`` (DESIGN §2),
+      bt_scale, transform: the Bradley-Terry logit is ``bt_scale * transform(raw)`` (docs/design.md §2.6),
         transform in {"identity", "logit", "logit_of_square"} (``capo.calibration.TRANSFORMS``).
       higher_is_better: direction of the raw score.
     """

@@ -1,4 +1,4 @@
-"""Shared pieces of the CLIP-family rewards (DESIGN §4).
+"""Shared pieces of the CLIP-family rewards (docs/design.md §4).
 
 - where weights come from: ``resolve_file`` (a local file or ``hf://owner/repo/path``),
   ``hub_or_local_file`` (one file of a hub repo or a local directory), ``load_state_dict_file``

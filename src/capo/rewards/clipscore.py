@@ -26,7 +26,7 @@ class CLIPScore(RewardModel):
     implementation's ``"A photo depicts "`` (``prefix=""`` gives torchmetrics' text). Preprocessing is
     the reference's torchvision one: shortest side bicubic, centre crop with round offsets.
 
-    Bradley-Terry view (DESIGN §2): CLIP was trained with a softmax over exp(logit_scale) · cos,
+    Bradley-Terry view (docs/design.md §2.6): CLIP was trained with a softmax over exp(logit_scale) · cos,
     exp(logit_scale) = 100, so the BT logit is 100 · cos = (100 / w) · CLIP-S: ``bt_scale = 40``,
     ``transform = "identity"`` (the clamp at 0 only ties pairs that CLIP finds unrelated anyway).
     """

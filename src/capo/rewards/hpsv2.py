@@ -53,7 +53,7 @@ class HPSv2(RewardModel):
     bicubic resize of the float tensor (default True, torchvision's default for tensors since 0.17;
     False reproduces hpsv2 run with torchvision < 0.17).
 
-    Bradley-Terry view (DESIGN §2, paper Eq. 2): HPSv2 is trained like CLIP, with a softmax over
+    Bradley-Terry view (docs/design.md §2.6, paper Eq. 2): HPSv2 is trained like CLIP, with a softmax over
     ``exp(logit_scale) · cos``, starting from ViT-H-14 whose exp(logit_scale) is 100 (CLIP's clamp),
     so the BT logit is 100 · cos: ``bt_scale = 100``, ``transform = "identity"``. (The loaded
     checkpoint's own value is ``self.encoder.logit_scale``.)

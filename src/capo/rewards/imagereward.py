@@ -228,7 +228,7 @@ class ImageReward(RewardModel):
     ``tokenizer``: hub id or directory of the BERT tokenizer (default ``google-bert/bert-base-uncased``).
     ``vit``: ``BlipVisionConfig`` fields of the image encoder (default ``VIT_LARGE``, BLIP's ViT-L/16).
 
-    Bradley-Terry view (DESIGN §2, paper Eq. 2): ImageReward is trained with the pairwise loss
+    Bradley-Terry view (docs/design.md §2.6, paper Eq. 2): ImageReward is trained with the pairwise loss
     -log sigma(r(x_w) - r(x_l)) on the raw MLP output r, so r is the BT logit; the reported score is
     s = (r - mu) / sd, hence r(x) - r(x') = sd · (s(x) - s(x')): ``bt_scale = sd = 1.0333``,
     ``transform = "identity"``.

@@ -47,7 +47,7 @@ class LaionAesthetic(RewardModel):
     ``openai/clip-vit-large-patch14``; the reference used OpenAI ``clip.load("ViT-L/14")``, the same
     weights, behind torchvision preprocessing: shortest side bicubic, centre crop with round offsets).
 
-    Bradley-Terry view (DESIGN §2): a regression score (MSE on mean ratings) has no intrinsic
+    Bradley-Terry view (docs/design.md §2.6): a regression score (MSE on mean ratings) has no intrinsic
     temperature, so one is stated, not fitted: ``bt_scale = 1`` per rating point, i.e. an image
     predicted one point higher (on the 1-10 scale) wins with probability sigma(1) = 0.73, and
     ``transform = "identity"``. Override ``bt_scale`` on the instance to use another temperature.

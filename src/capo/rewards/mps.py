@@ -305,7 +305,7 @@ class MPS(RewardModel):
     0.3, the evaluation scripts' value behind the published accuracies; the README example uses 0.01).
     ``dtype``: default ``"float16"``, as those scripts ran; ``"float32"`` for exact arithmetic.
 
-    Bradley-Terry view (DESIGN §2, paper Eq. 2): MPS is trained with a cross-entropy over the pair's
+    Bradley-Terry view (docs/design.md §2.6, paper Eq. 2): MPS is trained with a cross-entropy over the pair's
     two logit-scaled scores, i.e. P(x > x') = sigma(s(x) - s(x')): ``bt_scale = 1``,
     ``transform = "identity"``.
     """

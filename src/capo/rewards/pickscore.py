@@ -24,7 +24,7 @@ class PickScore(RewardModel):
     the processor PickScore was trained behind: transformers ``CLIPImageProcessor``, shortest side
     224 bicubic, centre crop 224 with floor offsets, OpenAI mean/std). Hub ids or local directories.
 
-    Bradley-Terry view (DESIGN §2, paper Eq. 2): PickScore was trained with a softmax over a pair of
+    Bradley-Terry view (docs/design.md §2.6, paper Eq. 2): PickScore was trained with a softmax over a pair of
     images of exactly these logit-scaled scores, so sigma(s(x, c) - s(x', c)) is its own preference
     probability: ``bt_scale = 1``, ``transform = "identity"``.
     """

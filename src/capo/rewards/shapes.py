@@ -1,4 +1,4 @@
-"""Three reward models of the shapes world, with different and partly conflicting views (DESIGN §5).
+"""Three reward models of the shapes world, with different and partly conflicting views (docs/design.md §5).
 
 shapes-alignment (VQAScore-like): a soft probability that the image shows the prompt, built from
   soft detections: every object-sized component k gets a visibility v_k = sigmoid((m_k - 16)/4)

@@ -95,7 +95,7 @@ class VQAScore(RewardModel):
     processor (default ``llava-hf/llava-1.5-7b-hf``). ``question_template``: one ``{}`` (default the
     paper's). ``answer``: default "Yes"; the eos token is appended, as t2v_metrics does.
 
-    Bradley-Terry view (DESIGN §2, paper Eq. 2): for the default two-token answer, s² = P(Yes) ·
+    Bradley-Terry view (docs/design.md §2.6, paper Eq. 2): for the default two-token answer, s² = P(Yes) ·
     P(</s> | Yes) is the probability that the model answers exactly "Yes"; its log-odds is the
     natural BT logit: sigma(logit s² - logit s'²) is the probability that x is judged to show c and
     x' not, given that exactly one of them is. ``transform = "logit_of_square"``, ``bt_scale = 1``.

@@ -1,4 +1,4 @@
-"""The exact checker of the shapes world: the gold metric, as GenEval's detector (DESIGN §5).
+"""The exact checker of the shapes world: the gold metric, as GenEval's detector (docs/design.md §5).
 
 ``detect`` parses an image back into objects:
 

@@ -1,4 +1,4 @@
-"""The networks of the tiny shapes models (DESIGN §5): word tokenizer, CLIP text encoder, UNet.
+"""The networks of the tiny shapes models (docs/design.md §5): word tokenizer, CLIP text encoder, UNet.
 
 Both shapes models (VP and flow) share these parts, built from the same diffusers/transformers
 components as the real models: a ``CLIPTextModel`` over a word-level vocabulary and a

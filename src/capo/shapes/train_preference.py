@@ -10,7 +10,7 @@ Labels. A hidden utility U = a * alignment + b * aesthetic + s * eps, eps ~ N(0,
 shapes-alignment and shapes-aesthetic scores (defaults a = 3, b = 4, s = 0.3: alignment spans
 about 3 utility units, aesthetics about 2). Every pair (i, j) of a group is labelled i > j iff U_i > U_j.
 
-Loss (DESIGN §2, Eq. 2): l = -log sigmoid(r(x_w, c) - r(x_l, c)) per pair, averaged, plus
+Loss (docs/design.md §2.6, Eq. 2): l = -log sigmoid(r(x_w, c) - r(x_l, c)) per pair, averaged, plus
 lambda * mean(r^2) (default 0.01; comparisons fix only within-prompt differences, the anchor
 keeps every prompt's scores centred on 0 so they compare across prompts); Adam with a cosine
 learning-rate decay. Writes ``model.safetensors``, ``config.json`` and ``README.txt``

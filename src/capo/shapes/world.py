@@ -1,4 +1,4 @@
-"""The shapes world: prompts in GenEval's six categories, scenes, and a renderer (DESIGN §5).
+"""The shapes world: prompts in GenEval's six categories, scenes, and a renderer (docs/design.md §5).
 
 Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB uint8 on a plain dark ``BACKGROUND``. Objects are
 one of ``SHAPES`` (circle, square, triangle with its apex up, diamond) in one of ``COLORS`` (six
