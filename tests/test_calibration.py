@@ -12,6 +12,7 @@ from capo.calibration import (
     TRANSFORMS,
     bt_logits,
     calibrate,
+    calibrate_against,
     ensemble,
     sigmoid,
     valid_prompts,
@@ -196,3 +197,41 @@ def test_calibrate_mask_equals_valid_subset(case):
         alone = calibrate(R[p, mask[p]][None, :])[0]
         np.testing.assert_allclose(out[p, mask[p]], alone, atol=1e-12)
         np.testing.assert_allclose(out[p, mask[p]].mean(), 0.5, atol=1e-12)
+
+
+def test_calibrate_against_bank_by_hand():
+    # samples R = [0, 2] of one prompt, bank B = [1, -1, 0] (the base round's logits):
+    # R_ca(x0) = (sigmoid(0-1) + sigmoid(0+1) + sigmoid(0)) / 3 = ((1 - S1) + S1 + 0.5) / 3 = 0.5
+    # R_ca(x1) = (sigmoid(2-1) + sigmoid(2+1) + sigmoid(2)) / 3 = (S1 + 0.95257413 + S2) / 3
+    S3 = 0.9525741268224334
+    out = calibrate_against(np.array([[0.0, 2.0]]), np.array([[1.0, -1.0, 0.0]]))
+    np.testing.assert_allclose(out, [[0.5, (S1 + S3 + S2) / 3]], rtol=1e-15)
+    # a masked bank entry is left out of the mean: bank [1, (-1 masked), 0] -> / 2
+    masked = calibrate_against(np.array([[0.0, 2.0]]), np.array([[1.0, np.nan, 0.0]]),
+                               bank_mask=np.array([[True, False, True]]))
+    np.testing.assert_allclose(masked, [[((1 - S1) + 0.5) / 2, (S1 + S2) / 2]], rtol=1e-15)
+
+
+def test_calibrate_against_own_samples_is_eq7_by_hand():
+    # bank = the samples [0, 1, 2] themselves: j != i, exactly test_calibrate_three_samples_by_hand
+    R = np.array([[0.0, 1.0, 2.0]])
+    np.testing.assert_allclose(calibrate_against(R, R, own=True),
+                               [[((1 - S1) + (1 - S2)) / 2, 0.5, (S2 + S1) / 2]], rtol=1e-15)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ragged())
+def test_calibrate_against_own_bank_equals_calibrate(case):
+    R, mask = case
+    garbage = np.where(mask, R, np.nan)
+    np.testing.assert_allclose(calibrate_against(garbage, garbage, mask, mask, own=True),
+                               calibrate(garbage, mask), atol=1e-12)
+
+
+def test_calibrate_against_errors_name_row():
+    with pytest.raises(CapoError, match="prompt row 1: no bank sample"):
+        calibrate_against(np.zeros((2, 2)), np.zeros((2, 1)), bank_mask=np.array([[True], [False]]))
+    with pytest.raises(CapoError, match="R \\[P, N\\] and bank \\[P, M\\]"):
+        calibrate_against(np.zeros((2, 2)), np.zeros((3, 2)))
+    with pytest.raises(CapoError, match="prompt row 0: sample 1 has a non-finite"):
+        calibrate_against(np.array([[0.0, np.nan]]), np.zeros((1, 2)))

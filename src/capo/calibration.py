@@ -150,3 +150,42 @@ def ensemble(R_ca: np.ndarray) -> np.ndarray:
     if R_ca.shape[2] == 0:
         raise CapoError("ensemble over L = 0 reward models")
     return R_ca.mean(axis=2)
+
+
+def calibrate_against(
+    R: np.ndarray, bank: np.ndarray, mask: np.ndarray | None = None, bank_mask: np.ndarray | None = None,
+    own: bool = False,
+) -> np.ndarray:
+    """Calibrated reward against a reference bank (Eq. 7 with the base round as the bank; online
+    rounds): R_ca(x_i) = 1/M_valid * sum_{m valid} sigmoid(R_i - B_m), B the bank's logits of the
+    same prompt (the base model's samples).
+
+    R [P, N] logits of the samples, bank [P, M] logits of the bank, masks bool (None: all valid).
+    ``own``: the bank holds the samples themselves (bank[p, n] is x_{p,n}, M = N); each sample is
+    then compared with the others only (j != i, denominator M_valid - 1): today's Eq. 7, ``calibrate``.
+    Returns R_ca [P, N] float64 in [0, 1]; NaN where invalid. A prompt whose valid samples meet an
+    empty bank is an error naming its row.
+    """
+    R, bank = np.asarray(R, dtype=np.float64), np.asarray(bank, dtype=np.float64)
+    if R.ndim != 2 or bank.ndim != 2 or bank.shape[0] != R.shape[0]:
+        raise CapoError(f"calibrate_against expects R [P, N] and bank [P, M], got {R.shape} and {bank.shape}")
+    if own and bank.shape != R.shape:
+        raise CapoError(f"own=True needs the bank to be the samples themselves, got {R.shape} and "
+                        f"{bank.shape}")
+    mask = check_rewards(R, mask, min_valid=0)
+    bank_mask = check_rewards(bank, bank_mask, min_valid=0)
+    P, N = R.shape
+    M = bank.shape[1]
+    others = bank_mask.sum(axis=1)[:, None] - (mask if own else 0)  # M_valid (- 1 for own)  [P, N]
+    empty = np.flatnonzero((mask & (others < 1)).any(axis=1))
+    if empty.size:
+        raise CapoError(f"prompt row {int(empty[0])}: no bank sample to compare with "
+                        f"({empty.size} such prompts)")
+    R_ca = np.full((P, N), np.nan)
+    for rows in prompt_chunks(P, N * M):
+        r, b = np.where(mask[rows], R[rows], 0.0), np.where(bank_mask[rows], bank[rows], 0.0)
+        wins = sigmoid(r[:, :, None] - b[:, None, :]) * bank_mask[rows][:, None, :]  # [C, N, M]
+        if own:
+            wins[:, np.arange(N), np.arange(N)] = 0.0  # j != i
+        R_ca[rows] = np.where(mask[rows], wins.sum(axis=2) / np.maximum(others[rows], 1), np.nan)
+    return R_ca
