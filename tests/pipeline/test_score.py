@@ -67,7 +67,8 @@ def test_scores_and_metadata(tmp_path):
     assert t["prompt_id"] == ["p0", "p0", "p1", "p1", "p2", "p2"] and t["sample_idx"] == [0, 1] * 3
     np.testing.assert_allclose(t["raw"], [1.0, 128 / 255, 0.0, 0.2, 0.0, 0.0], rtol=1e-6)
     meta = read_reward_meta(run.reward_path("test-red"))
-    assert meta == {"reward": "test-red", "bt_scale": 10.0, "transform": "identity", "higher_is_better": True}
+    assert meta == {"reward": "test-red", "bt_scale": 10.0, "transform": "identity", "higher_is_better": True,
+                    "hub_revisions": {}}  # nothing loaded from the hub
     assert not (run.rewards_dir / "test-red.parts").exists()
     assert run.load_config()["score"]["reward"] == ["test-red"]
     assert score(run, ScoreConfig(reward=["test-red"])) == {"test-red": 0}  # finished: skipped

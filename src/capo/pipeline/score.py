@@ -53,9 +53,11 @@ class ScoreConfig:
 
 
 def reward_meta(reward: RewardModel) -> dict[str, Any]:
-    """The reward's Bradley-Terry declaration (docs/design.md §2.6, Eq. 2) as stored in its score file."""
+    """The reward's Bradley-Terry declaration (docs/design.md §2.6, Eq. 2) as stored in its score file,
+    with the hub commits its weights were loaded at (capo.rewards.hub)."""
     return {"reward": reward.name, "bt_scale": float(reward.bt_scale), "transform": reward.transform,
-            "higher_is_better": bool(reward.higher_is_better)}
+            "higher_is_better": bool(reward.higher_is_better),
+            "hub_revisions": dict(getattr(reward, "hub_revisions", {}))}
 
 
 def read_reward_meta(table_or_path: pa.Table | Path) -> dict[str, Any]:

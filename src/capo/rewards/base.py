@@ -5,8 +5,9 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ class RewardModel(abc.ABC):
     transform: str = "identity"
     higher_is_better: bool = True
     batch_size: int = 32
+    #: {hub repo: commit} the reward's files were loaded at, set by ``load_reward`` (capo.rewards.hub).
+    hub_revisions: Mapping[str, str] = MappingProxyType({})
 
     @abc.abstractmethod
     def score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
@@ -110,7 +113,8 @@ def reward_options(name: str) -> set[str] | None:
     params = inspect.signature(_resolve(name)).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names | {"revisions"}  # every reward: hub revision overrides (capo.rewards.hub)
 
 
 def load_reward(name: str, **kwargs: Any) -> RewardModel:
@@ -121,4 +125,10 @@ def load_reward(name: str, **kwargs: Any) -> RewardModel:
     if unknown:
         raise CapoError(f"reward '{name}': unknown option '{unknown[0]}' "
                         f"(accepted: {', '.join(sorted(accepted)) or 'none'})")
-    return _resolve(name)(**kwargs)
+    from capo.rewards.hub import pinned_revisions, resolved_commit
+
+    revisions = kwargs.pop("revisions", None) if accepted is not None else None
+    with pinned_revisions(revisions) as requested:
+        reward = _resolve(name)(**kwargs)
+    reward.hub_revisions = {repo: resolved_commit(repo, rev) for repo, rev in requested.items()}
+    return reward

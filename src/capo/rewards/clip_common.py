@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from capo.errors import CapoError
+from capo.rewards.hub import hub_kwargs, revision_for
 from capo.rewards.preprocess import ClipPreprocess
 
 HF_SCHEME = "hf://"
@@ -59,7 +60,7 @@ def hub_download(repo_id: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, revision=revision_for(repo_id)))
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CapoError(f"cannot fetch '{filename}' from hub repo '{repo_id}': {reason}") from None
@@ -127,7 +128,7 @@ def load_tokenizer(id_or_dir: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(id_or_dir))
+        return AutoTokenizer.from_pretrained(os.fspath(id_or_dir), **hub_kwargs(id_or_dir))
     except OSError as err:
         raise CapoError(f"cannot load tokenizer '{id_or_dir}': {str(err).splitlines()[0]}") from None
 
@@ -145,7 +146,7 @@ def load_clip_model(id_or_dir: str | os.PathLike, device: torch.device, dtype: t
     from transformers import CLIPModel
 
     try:
-        model = CLIPModel.from_pretrained(os.fspath(id_or_dir))
+        model = CLIPModel.from_pretrained(os.fspath(id_or_dir), **hub_kwargs(id_or_dir))
     except OSError as err:
         raise CapoError(f"cannot load CLIP model '{id_or_dir}': {str(err).splitlines()[0]}") from None
     return freeze(model, device, dtype)

@@ -28,6 +28,7 @@ from capo.rewards.clip_common import (
     resolve_dtype,
     resolve_file,
 )
+from capo.rewards.hub import hub_kwargs
 from capo.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TensorResizeMaxSize
 
 #: transformers config (and tokenizer) of open_clip ViT-H-14 laion2B-s32B-b79K, the model HPSv2 fine-tunes.
@@ -79,7 +80,7 @@ class HPSv2(RewardModel):
 
         dev, dt = resolve_device(device), resolve_dtype(dtype)
         try:
-            clip_config = CLIPConfig.from_pretrained(os.fspath(config))
+            clip_config = CLIPConfig.from_pretrained(os.fspath(config), **hub_kwargs(config))
         except OSError as err:
             raise CapoError(f"cannot load CLIP config '{config}': {str(err).splitlines()[0]}") from None
         state_dict = load_state_dict_file(resolve_file(checkpoint or self.default_checkpoint))

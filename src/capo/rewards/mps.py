@@ -52,6 +52,7 @@ from capo.rewards.clip_common import (
     resolve_file,
 )
 from capo.rewards.hpsv2 import VIT_H_14
+from capo.rewards.hub import hub_kwargs
 from capo.rewards.imagereward import load_exact
 
 #: unverified hub location of the reference ``MPS_overall_checkpoint.pth``; pass a local file if it differs.
@@ -331,7 +332,7 @@ class MPS(RewardModel):
 
         self.device, dt = resolve_device(device), resolve_dtype(dtype)
         try:
-            clip_config = CLIPConfig.from_pretrained(os.fspath(config))
+            clip_config = CLIPConfig.from_pretrained(os.fspath(config), **hub_kwargs(config))
         except OSError as err:
             raise CapoError(f"cannot load CLIP config '{config}': {str(err).splitlines()[0]}") from None
         path = resolve_file(checkpoint)

@@ -35,6 +35,7 @@ from PIL import Image
 from capo.errors import CapoError
 from capo.rewards.base import RewardModel
 from capo.rewards.clip_common import freeze, resolve_device, resolve_dtype
+from capo.rewards.hub import hub_kwargs
 
 VQASCORE_MODEL = "llava-hf/llava-1.5-7b-hf"
 QUESTION_TEMPLATE = 'Does this figure show "{}"? Please answer yes or no.'
@@ -51,8 +52,8 @@ def load_vlm(model: str | os.PathLike, device: torch.device, dtype: torch.dtype)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(os.fspath(model))
-        vlm = AutoModelForImageTextToText.from_pretrained(os.fspath(model), dtype=dtype)
+        processor = AutoProcessor.from_pretrained(os.fspath(model), **hub_kwargs(model))
+        vlm = AutoModelForImageTextToText.from_pretrained(os.fspath(model), dtype=dtype, **hub_kwargs(model))
     except (OSError, ValueError) as err:
         raise CapoError(f"cannot load vision-language model '{model}': {str(err).splitlines()[0]}") from None
     return processor, freeze(vlm, device, dtype)
