@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from capo.calibration import bt_logits, calibrate, ensemble
+from capo.calibration import bt_logits, calibrate, calibrate_against, ensemble
 from capo.config import doc, to_dict
 from capo.errors import CapoError
 from capo.pipeline.rundir import RunDir, write_table_atomic
@@ -32,6 +32,9 @@ class CalibrateConfig:
     """Stage ``calibrate``: expected win-rates against the base model's own samples."""
 
     reward: list[str] = doc("rewards to calibrate, in column order (default: every scored reward)", [])
+    bank: str | None = doc("run directory whose scored samples are the reference bank: each sample's "
+                           "win-rate against that run's samples of the same prompt (online rounds: "
+                           "the base round). Default: the run's own samples (Eq. 7)", None)
 
     def validate(self) -> None:
         clash = [r for r in self.reward if r in RESERVED]
@@ -113,6 +116,24 @@ def check_scoring_complete(run: RunDir, names: list[str] | None) -> None:
                         "resumes) before calibrating", path=str(run.rewards_dir))
 
 
+def calibrated(run: RunDir, name: str, table: Table, bank: str | None) -> np.ndarray:
+    """R_ca [P, N] of reward ``name``: Eq. 7 among the run's samples, or against the samples of the
+    same prompt in the ``bank`` run (``calibration.calibrate_against``)."""
+    R = reward_logits(run, name, table)
+    if bank is None:
+        return calibrate(R, table.mask)
+    ref = RunDir.at(bank)
+    ref_table = sample_table(ref)
+    rows = {pid: i for i, pid in enumerate(ref_table.prompt_ids)}
+    missing = [pid for pid in table.prompt_ids if pid not in rows]
+    if missing:
+        raise CapoError(f"prompt {missing[0]} has no samples in the reference bank {bank}",
+                        path=str(run.prompts_path))
+    order = [rows[pid] for pid in table.prompt_ids]
+    B = reward_logits(ref, name, ref_table)[order]
+    return calibrate_against(R, B, table.mask, ref_table.mask[order])
+
+
 def calibrate_run(run: RunDir, cfg: CalibrateConfig) -> dict[str, float]:
     """Write calibrated.parquet; returns summary figures (prompts, samples, rewards)."""
     names = cfg.reward or run.reward_names()
@@ -121,7 +142,7 @@ def calibrate_run(run: RunDir, cfg: CalibrateConfig) -> dict[str, float]:
     check_scoring_complete(run, names if cfg.reward else None)
     table = sample_table(run)
     check_counts(table, run)
-    R_ca = np.stack([calibrate(reward_logits(run, name, table), table.mask) for name in names], axis=2)
+    R_ca = np.stack([calibrated(run, name, table, cfg.bank) for name in names], axis=2)
     ens = ensemble(R_ca)  # [P, N]
     columns = {"prompt_id": pa.array([table.prompt_ids[i] for i in table.p], pa.string()),
                "sample_idx": pa.array(table.n, pa.int32())}

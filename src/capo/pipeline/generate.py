@@ -42,7 +42,7 @@ DTYPES: dict[str, torch.dtype] = {
 
 #: keys whose change makes existing samples incompatible with a rerun
 SAMPLE_KEYS = ("model", "family", "model_options", "prompts", "num_prompts", "samples_per_prompt", "steps",
-               "guidance", "seed", "chunk_size", "dtype")
+               "guidance", "seed", "chunk_size", "dtype", "tuned")
 #: load_base's own keywords, which model_options may not set
 RESERVED_OPTIONS = ("device", "dtype", "load_text_encoders", "load_vae")
 
@@ -65,6 +65,8 @@ class GenerateConfig:
     steps: int | None = doc("sampling steps (default: the model family's)", None, ge=1)
     guidance: float | None = doc("classifier-free guidance scale (default: the model family's)", None, ge=0)
     seed: int = doc("base seed; sample seeds derive from (seed, prompt_id, sample_idx)", 0, ge=0)
+    tuned: str | None = doc("sample from the base model with these trained weights (a RUN/model "
+                            "directory: an online round samples from the current model)", None)
     batch_size: int = doc("samples per forward pass, batched across prompts", 64, ge=1)
     chunk_size: int = doc("prompts per shard (the unit of resumption)", 32, ge=1)
     device: str = doc("device: auto (this rank's accelerator, else cpu), cpu, cuda, cuda:1, ...", "auto")
@@ -235,6 +237,10 @@ def generate(run: RunDir, cfg: GenerateConfig) -> GenerateReport:
     written = 0
     if todo:
         adapter = load_base(spec, resolve_device(cfg.device, state), cfg.dtype)
+        if cfg.tuned:  # the same adapter and sampler, with the current weights (online rounds)
+            from capo.pipeline.train import apply_trained
+
+            apply_trained(adapter, cfg.tuned).denoiser.eval()
         total = sum(len(chunks[c]) for c in todo) * cfg.samples_per_prompt
         bar = tqdm(total=total, desc=f"generate [rank {state.process_index}]", unit="img",
                    disable=not state.is_local_main_process)

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -33,6 +33,7 @@ from capo.pipeline.calibrate import CalibrateConfig, calibrate_run
 from capo.pipeline.evaluate import EvaluateConfig, evaluate, results_markdown
 from capo.pipeline.generate import GenerateConfig, generate, process_state
 from capo.pipeline.prompts import load_prompts, subset
+from capo.pipeline.rounds import base_round, round_evaluate_config, run_rounds
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.score import ScoreConfig, score
 from capo.pipeline.select import SelectConfig, select_pairs
@@ -229,11 +230,26 @@ class RunConfig:
     select: dict = doc("settings of stage select (SelectConfig)", {})
     train: dict = doc("settings of stage train (TrainConfig)", {})
     evaluate: dict = doc("settings of stage evaluate (EvaluateConfig)", {})
+    rounds: int = doc("online CaPO rounds K: round 0 is the offline run, rounds 1..K-1 sample from the "
+                      "current model and train on (capo.pipeline.rounds); 1: offline", 1, ge=1)
+    prompts_per_round: int | None = doc("prompts of each round after the first: a category-balanced subset "
+                                        "of the base round's, new every round (default: all)", None, ge=1)
+    samples_per_round: int | None = doc("samples per prompt in each round after the first (default: "
+                                        "generate.samples_per_prompt)", None, ge=2)
+    steps_per_round: int | None = doc("training steps of every round, round 0 included (default: "
+                                      "train.max_steps)", None, ge=1)
+    reference: str = doc("the implicit reward's reference model in rounds after the first: base (one "
+                         "anchor for all rounds) or previous (the previous round's model)", "base",
+                         choices=("base", "previous"))
+    round_evaluate: dict = doc("settings over the evaluate section for the evaluation after every round "
+                               "(RUN/rounds/rR/eval-val; with rounds > 1)", {"prompts": "shapes:val"})
 
     def validate(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise CapoError(f"config key 'stages': unknown stage '{bad[0]}' (known: {', '.join(STAGES)})")
+        if self.rounds > 1:
+            round_evaluate_config(self)  # a bad key of round_evaluate is an error before anything runs
         if self.threads is not None and self.threads < 1:
             raise CapoError(f"config key 'threads' must be >= 1, got {self.threads}")
 
@@ -305,6 +321,12 @@ def on_main_process(state: Any, fn: Callable[[], Any]) -> Any:
     return value
 
 
+def advance(state: Any, stage: Stage, run: RunDir, cfg: Any, dirty: bool) -> bool:
+    """``stage.advance``; a main-only stage runs on the main process while the others wait."""
+    step = partial(stage.advance, run, cfg, dirty)
+    return on_main_process(state, step) if stage.main_only else step()
+
+
 def run_pipeline(
     cfg: RunConfig, stages: dict[str, Any], log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -312,6 +334,7 @@ def run_pipeline(
     Under a multi-process launcher, generate, score, train and evaluate split their work over the
     processes; calibrate and select run on the main process while the others wait."""
     run = RunDir.at(cfg.run)
+    stages = base_round(cfg, stages)  # round 0 trains steps_per_round steps when that is set
     preflight(run, cfg, stages)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -320,19 +343,23 @@ def run_pipeline(
     dirty = False
     for stage in (s for s in PIPELINE if s.name in cfg.stages):
         began = time.time()
-        step = partial(stage.advance, run, stages[stage.name], dirty)
-        changed = on_main_process(state, step) if stage.main_only else step()
+        changed = advance(state, stage, run, stages[stage.name], dirty)
         dirty = changed if stage.recomputed else dirty or changed
         log(f"[capo run] {stage.name}: {'done' if changed else 'up to date'} ({time.time() - began:.1f} s)")
+        if stage.name == "train" and cfg.rounds > 1:  # online rounds; evaluate then takes the last model
+            last, dirty = run_rounds(run, cfg, stages, dirty, partial(advance, state), log)
+            final = replace(stages["evaluate"], tuned=str(last), out=str(run.eval_dir))
+            stages = {**stages, "evaluate": final}
     if state.is_main_process:
-        run.save_config("run", {"run": cfg.run, "stages": list(cfg.stages), "threads": cfg.threads})
+        run.save_config("run", {k: v for k, v in to_dict(cfg).items() if k not in STAGES})
     state.wait_for_everyone()
     results_path = run.eval_dir / "results.json"
     return json.loads(results_path.read_text()) if results_path.is_file() else {}
 
 
 def run_command(args: argparse.Namespace) -> None:
-    cfg, stages = resolve(args.config, args.run, args.set or [])
+    rounds = [] if args.rounds is None else [f"rounds={args.rounds}"]
+    cfg, stages = resolve(args.config, args.run, [*(args.set or []), *rounds])
     began = time.time()
     results = run_pipeline(cfg, stages)
     if not process_state().is_main_process:
@@ -352,4 +379,7 @@ def register(sub: Any) -> None:
                    help="run directory (default: the config's 'run'); under torchrun spell it --run-dir")
     p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set generate.num_prompts=64 (repeatable)")
+    p.add_argument("--rounds", type=int, default=None, metavar="K",
+                   help="online CaPO: K rounds, each sampling from the current model (default: the "
+                        "config's 'rounds', 1 = offline; capo.pipeline.rounds)")
     p.set_defaults(func=run_command)

@@ -38,7 +38,7 @@ from capo.pipeline.checkpoint import register_lora_hooks, resume, save_checkpoin
 from capo.pipeline.diagnostics import Diagnostics, step_values
 from capo.pipeline.generate import load_base
 from capo.pipeline.integrity import damage, write_manifest
-from capo.pipeline.preference import REFERENCES, Reference, preference_step
+from capo.pipeline.preference import REFERENCES, FrozenReference, Reference, preference_step
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.trainset import PairBatch, PairSet, StepBatches, pair_loader
 from capo.weighting import WEIGHTINGS, Weighting
@@ -50,6 +50,8 @@ LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear"
 WEIGHTING_ARGS = {"constant": lambda c: {}, "sigmoid": lambda c: {"bias": c.sigmoid_bias}}
 #: --lora-init -> peft ``init_lora_weights`` (both start with B = 0: step 0 is the base model)
 LORA_INITS = {"gaussian": "gaussian", "default": True}
+#: reference option -> whether p_ref is taken before init_model is loaded (True: the base model)
+REFERENCE_MODELS = {"base": True, "init": False}
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
 #: mixed precision -> dtype of the frozen base weights under LoRA (trainable weights stay fp32)
 WEIGHT_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -89,6 +91,11 @@ class TrainConfig:
                                 identity=False)
     keep_checkpoints: int = doc("number of newest checkpoints kept", 2, ge=1, identity=False)
     resume: bool = doc("continue from the newest checkpoint in RUN/checkpoints", False, identity=False)
+    init_model: str | None = doc("start from this trained model (a RUN/model directory of the same base "
+                                 "and LoRA settings: an online round continues from the current "
+                                 "weights) instead of the base", None)
+    reference: str = doc("the implicit reward's reference model: base, or init (the model training "
+                         "starts from: init_model)", "base", choices=REFERENCE_MODELS)
     share_noise: bool = doc("one noise for x+ and x- (as Diffusion-DPO) instead of two", False)
     draws: int = doc("K (t, noise) draws per pair; the loss is of the pair's mean margin over the "
                      "K draws (less variance in beta x margin, K times the compute)", 1, ge=1)
@@ -163,7 +170,7 @@ def setup(config: TrainConfig) -> Trainer:
                                         target_modules=list(adapter.lora_targets)))
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    reference = REFERENCES[config.lora](denoiser)
+    reference = start_from(config, denoiser)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     for p in params:  # trainable weights in fp32; a frozen LoRA base may stay in bf16/fp16
         p.data = p.data.float()
@@ -177,6 +184,28 @@ def setup(config: TrainConfig) -> Trainer:
     params = [p for p in policy.parameters() if p.requires_grad]  # FSDP replaces the parameters
     return Trainer(config, run, acc, adapter, policy, reference, optimizer, scheduler, data, params,
                    weighting, weight_mean)
+
+
+def start_from(config: TrainConfig, denoiser: nn.Module) -> Reference:
+    """Load ``config.init_model`` (if any) into the denoiser (its LoRA adapters, or the full
+    weights) and return the reference p_ref: the base (adapters disabled, or a frozen copy taken
+    before the load) or, with reference 'init', a frozen copy of the model training starts from."""
+    if config.init_model is None:
+        return REFERENCES[config.lora](denoiser)
+    before = REFERENCES[config.lora](denoiser) if REFERENCE_MODELS[config.reference] else None
+    weights = _weights_file(config.init_model)
+    if weights.name != (LORA_FILE if config.lora else FULL_FILE):
+        raise CapoError(f"init_model holds {weights.name}, but this training has lora={config.lora}",
+                        path=config.init_model)
+    state = load_weights(weights, str(next(denoiser.parameters()).device))
+    if config.lora:
+        result = set_peft_model_state_dict(denoiser, state)
+        if getattr(result, "unexpected_keys", None):
+            raise CapoError(f"LoRA key '{result.unexpected_keys[0]}' does not fit this training's LoRA "
+                            "settings", path=str(weights))
+    else:
+        denoiser.load_state_dict(state)
+    return before if before is not None else FrozenReference(denoiser)
 
 
 def step_batches(tr: Trainer) -> StepBatches:
