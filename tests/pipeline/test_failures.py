@@ -191,6 +191,21 @@ def test_damaged_file_is_named(case, world, tmp_path, capsys):
     one_line_error(capsys, [argv[0], "--run", str(run), *argv[1:]], match, run)
 
 
+def test_flipped_byte_fails_its_page_checksum(world, tmp_path, capsys):
+    run = copy_run(world, tmp_path, keep_model=False)
+    shard = run / "samples" / "part-00000-00000.parquet"
+    meta = pq.read_metadata(shard).row_group(0)
+    image = next(c for c in map(meta.column, range(meta.num_columns)) if c.path_in_schema == "image.bytes")
+    data = bytearray(shard.read_bytes())
+    start = image.dictionary_page_offset or image.data_page_offset
+    data[start + image.total_compressed_size // 2] ^= 0xFF  # a byte of the PNGs; the footer still reads
+    shard.write_bytes(bytes(data))
+    one_line_error(capsys, ["score", "--run", str(run), "--reward", "shapes-preference"],
+                   "part-00000-00000.parquet: damaged Parquet file (could not verify page integrity", run)
+    capsys.readouterr()
+    assert main(["verify", "--run", str(run)]) == 2 and "part-00000-00000.parquet" in capsys.readouterr().out
+
+
 def test_damaged_or_non_finite_model_is_refused_at_evaluate(world, tmp_path, capsys):
     run = copy_run(world, tmp_path)
     weights = run / "model" / "adapter_model.safetensors"

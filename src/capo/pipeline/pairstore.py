@@ -166,7 +166,11 @@ def _fixed_rows(values: torch.Tensor) -> tuple[pa.Array, dict]:
 def _shard_batches(directory: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
     for _, path in sorted(shard_files(directory).items()):
         check_parquet(path)  # a truncated shard is an error naming it
-        yield from pq.ParquetFile(path).iter_batches(batch_size=WRITE_ROWS, columns=columns)
+        try:
+            yield from pq.ParquetFile(path, page_checksum_verification=True).iter_batches(
+                batch_size=WRITE_ROWS, columns=columns)
+        except OSError as e:  # a page that fails its CRC
+            raise CapoError(f"damaged Parquet file ({str(e)[:120]})", path=str(path)) from None
 
 
 def build_latents(run: RunDir, path: Path, prompt_ids: pa.Array, wanted: np.ndarray, source: str) -> None:

@@ -132,9 +132,11 @@ def read_table(path: Path, what: str, stage: str, columns: Sequence[str] | None 
 
 
 def read_parquet(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """``pq.read_table``; a damaged file (truncated, not Parquet) is a one-line error naming it."""
+    """``pq.read_table`` with every page checked against its CRC; a damaged file (truncated, a
+    flipped byte, not Parquet) is a one-line error naming it."""
     try:
-        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+        return pq.read_table(path, columns=list(columns) if columns is not None else None,
+                             page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
         if isinstance(e, FileNotFoundError):
             raise

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from capo.config import doc, to_dict
 from capo.errors import CapoError
 from capo.pipeline.generate import check_device, process_state
-from capo.pipeline.rundir import RunDir, shard_files, shard_name, shard_rows, write_table_atomic
+from capo.pipeline.rundir import RunDir, read_parquet, shard_files, shard_name, shard_rows, write_table_atomic
 from capo.rewards.base import RewardModel, available_rewards, load_reward, reward_options
 
 DEFAULT_REWARDS = ["shapes-alignment", "shapes-aesthetic", "shapes-preference"]
@@ -84,7 +84,7 @@ def check_complete(run: RunDir) -> dict[int, Path]:
 
 def score_shard(reward: RewardModel, shard: Path, prompts: dict[str, str]) -> pa.Table:
     """Raw scores of one samples shard as a table with the reward's metadata."""
-    t = pq.read_table(shard, columns=["prompt_id", "sample_idx", "image"]).to_pydict()
+    t = read_parquet(shard, ["prompt_id", "sample_idx", "image"]).to_pydict()
     ids, idxs = t["prompt_id"], t["sample_idx"]
     images = [Image.open(io.BytesIO(im["bytes"])).convert("RGB") for im in t["image"]]
     labels = [f"prompt {i} sample {s}" for i, s in zip(ids, idxs, strict=True)]
@@ -135,7 +135,7 @@ def _merge(run: RunDir, name: str, parts_dir: Path, n_chunks: int) -> None:
     parts = shard_files(parts_dir)
     if len(parts) != n_chunks:
         return  # another rank failed; its chunks are scored on the rerun
-    table = pa.concat_tables([pq.read_table(parts[c]) for c in sorted(parts)])
+    table = pa.concat_tables([read_parquet(parts[c]) for c in sorted(parts)])
     write_table_atomic(table, run.reward_path(name))
     shutil.rmtree(parts_dir, ignore_errors=True)
 
