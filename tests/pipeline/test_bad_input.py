@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from capo.cli import main
 from capo.rewards.base import RewardModel, register_reward
-from capo.shapes.world import make_prompts
 
 
 class NanReward(RewardModel):
@@ -51,47 +49,35 @@ def fails(capsys, argv: list[str], match: str, root: Path) -> str:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    from capo.models.shapes import build_shapes_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    build_shapes_model("vp", size="tiny").save_pretrained(str(path))
-    return str(path)
+def prompts(prompt_file) -> str:
+    return prompt_file(3)  # tests/pipeline/conftest.py
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("prompts") / "ok.txt"
-    path.write_text("\n".join(p.text for p in make_prompts("heldout")[:3]))
-    return str(path)
-
-
-def generated(tmp_path, model, prompts, n: int = 2) -> Path:
+def generated(tmp_path, base_model, prompts, n: int = 2) -> Path:
     run = tmp_path / f"run{n}"
-    argv = ["generate", "--run", str(run), "--model", model, "--prompts", prompts,
+    argv = ["generate", "--run", str(run), "--model", base_model, "--prompts", prompts,
             "--samples-per-prompt", str(n), "--steps", "1"]
     assert main(argv) == 0
     return run
 
 
-def test_empty_and_duplicate_prompt_files(tmp_path, capsys, model):
+def test_empty_and_duplicate_prompt_files(tmp_path, capsys, base_model):
     empty, dup = tmp_path / "empty.txt", tmp_path / "dup.csv"
     empty.write_text("\n  \n")
     dup.write_text("prompt\na circle\na square\na circle\n")
     run = tmp_path / "run"
-    fails(capsys, ["generate", "--run", str(run), "--model", model, "--prompts", str(empty)],
+    fails(capsys, ["generate", "--run", str(run), "--model", base_model, "--prompts", str(empty)],
           f"{empty}: no prompts in file", tmp_path)
-    fails(capsys, ["generate", "--run", str(run), "--model", model, "--prompts", str(dup)],
+    fails(capsys, ["generate", "--run", str(run), "--model", base_model, "--prompts", str(dup)],
           f"{dup}, row 4: duplicate prompt 'a circle' (first at row 2)", tmp_path)
     assert not run.exists()
 
 
-def test_missing_earlier_stage(tmp_path, capsys, model, prompts):
+def test_missing_earlier_stage(tmp_path, capsys, base_model, prompts):
     empty = tmp_path / "nothing"
     fails(capsys, ["score", "--run", str(empty), "--reward", "shapes-aesthetic"], "run `capo generate` first",
           tmp_path)
-    run = generated(tmp_path, model, prompts)
+    run = generated(tmp_path, base_model, prompts)
     fails(capsys, ["calibrate", "--run", str(run)], "run `capo score` first", run)
     fails(capsys, ["select", "--run", str(run)], "run `capo calibrate` first", run)
     fails(capsys, ["evaluate", "--run", str(run)], "run `capo train` first", run)
@@ -99,8 +85,8 @@ def test_missing_earlier_stage(tmp_path, capsys, model, prompts):
           "run `capo select` first", run)
 
 
-def test_reward_returning_nan(tmp_path, capsys, model, prompts):
-    run = generated(tmp_path, model, prompts)
+def test_reward_returning_nan(tmp_path, capsys, base_model, prompts):
+    run = generated(tmp_path, base_model, prompts)
     assert main(["score", "--run", str(run), "--reward", "shapes-aesthetic"]) == 0
     line = fails(capsys, ["score", "--run", str(run), "--reward", "test-nan-cli"],
                  "reward 'test-nan-cli' returned nan for prompt ", run)
@@ -109,15 +95,15 @@ def test_reward_returning_nan(tmp_path, capsys, model, prompts):
     assert (run / "samples" / "part-00000-00000.parquet").is_file()
 
 
-def test_one_sample_per_prompt_is_refused_before_any_work(tmp_path, capsys, model, prompts):
+def test_one_sample_per_prompt_is_refused_before_any_work(tmp_path, capsys, base_model, prompts):
     run = tmp_path / "run1"
-    fails(capsys, ["generate", "--run", str(run), "--model", model, "--prompts", prompts,
+    fails(capsys, ["generate", "--run", str(run), "--model", base_model, "--prompts", prompts,
                    "--samples-per-prompt", "1"], "config key 'samples_per_prompt' must be >= 2, got 1",
           tmp_path)
     assert not run.exists()
 
 
-def test_config_typos_and_bad_values(tmp_path, capsys, model, prompts):
+def test_config_typos_and_bad_values(tmp_path, capsys, base_model, prompts):
     run = tmp_path / "run"
     typo = tmp_path / "typo.yaml"
     typo.write_text("generate:\n  num_promts: 3\n")
@@ -139,8 +125,8 @@ def test_config_typos_and_bad_values(tmp_path, capsys, model, prompts):
     assert not run.exists()
 
 
-def test_existing_outputs_survive_a_failed_rerun(tmp_path, capsys, model, prompts):
-    run = generated(tmp_path, model, prompts)
+def test_existing_outputs_survive_a_failed_rerun(tmp_path, capsys, base_model, prompts):
+    run = generated(tmp_path, base_model, prompts)
     assert main(["score", "--run", str(run), "--reward", "shapes-aesthetic"]) == 0
     assert main(["calibrate", "--run", str(run)]) == 0
     shutil.copy(run / "calibrated.parquet", tmp_path / "cal.parquet")

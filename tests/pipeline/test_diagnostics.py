@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from test_train import base_model, config, make_run  # noqa: F401 - base_model is a fixture
+from test_train import config, make_run
 
 from capo.pipeline.diagnostics import KEYS, Diagnostics, step_values
 from capo.pipeline.train import train
@@ -62,7 +62,7 @@ def test_summary_of_no_steps():
 
 
 @pytest.mark.parametrize(("beta", "warns"), [(1e5, True), (10.0, False)])
-def test_tiny_run_with_a_huge_beta_warns_and_a_sane_one_does_not(tmp_path, base_model, capsys,  # noqa: F811
+def test_tiny_run_with_a_huge_beta_warns_and_a_sane_one_does_not(tmp_path, base_model, capsys,
                                                                    beta, warns):
     run = make_run(tmp_path / "run", base_model)
     summary = train(config(run, beta=beta, max_steps=20, batch_size=4))

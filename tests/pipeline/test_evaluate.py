@@ -22,19 +22,18 @@ KEYS = {"win_rate", "ci_low", "ci_high", "mean_base", "mean_tuned"}
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, base_model):
     """(base model dir, tuned dir = same weights, tuned dir = other random weights)."""
     from capo.models.shapes import build_shapes_model
 
     root = tmp_path_factory.mktemp("models")
-    base = build_shapes_model("vp", size="tiny", seed=0)
-    base.save_pretrained(str(root / "base"))
+    base = build_shapes_model("vp", size="tiny", seed=0)  # the weights of base_model (conftest.py)
     other_model = build_shapes_model("vp", size="tiny", seed=1)
     for name, model in (("same", base), ("other", other_model)):
         (root / name).mkdir()
         weights = {k: v.contiguous() for k, v in model.denoiser.state_dict().items()}
         save_file(weights, root / name / "denoiser.safetensors")
-    return str(root / "base"), str(root / "same"), str(root / "other")
+    return base_model, str(root / "same"), str(root / "other")
 
 
 def make_run(tmp_path, base: str) -> RunDir:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -34,18 +33,14 @@ TINY = {"generate": {"prompts": "shapes:train", "num_prompts": 4, "samples_per_p
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    """A tiny base model, its config file, and one finished run of every stage."""
-    from capo.models.shapes import build_shapes_model
-
+def world(tmp_path_factory, base_model) -> dict[str, Path]:
+    """The tiny base model (conftest.py), its config file, and one finished run of every stage."""
     root = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    build_shapes_model("vp", size="tiny").save_pretrained(str(root / "tiny"))
     config = {"run": str(root / "unused"), "threads": 1, **TINY}
-    config["generate"] = {**TINY["generate"], "model": str(root / "tiny")}
+    config["generate"] = {**TINY["generate"], "model": base_model}
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", "--config", str(root / "tiny.yaml"), "--run", str(root / "done")]) == 0
-    return {"root": root, "model": root / "tiny", "config": root / "tiny.yaml", "done": root / "done"}
+    return {"root": root, "model": Path(base_model), "config": root / "tiny.yaml", "done": root / "done"}
 
 
 def snapshot(root: Path) -> dict[str, str]:

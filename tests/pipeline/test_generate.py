@@ -19,27 +19,14 @@ from PIL import Image
 from capo.errors import CapoError
 from capo.pipeline.generate import GenerateConfig, generate, sample_seed
 from capo.pipeline.rundir import RunDir, shard_name
-from capo.shapes.world import make_prompts
 
 N_PROMPTS, N_SAMPLES, STEPS = 6, 4, 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from capo.models.shapes import build_shapes_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-vp"
-    build_shapes_model("vp", size="tiny").save_pretrained(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(p.text for p in make_prompts("heldout")[:N_PROMPTS]) + "\n")
-    return str(path)
+def prompts(prompt_file) -> str:
+    return prompt_file(N_PROMPTS)  # tests/pipeline/conftest.py
 
 
 def cli_args(model: str, prompts: str, run: Path, chunk: int = 2) -> list[str]:
@@ -61,9 +48,9 @@ def embeddings(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return RunDir.at(run).read_embeddings()
 
 
-def test_generate_layout_seeds_and_rerun(tmp_path, tiny_model, prompt_file):
+def test_generate_layout_seeds_and_rerun(tmp_path, base_model, prompts):
     run = RunDir.at(tmp_path / "run")
-    cfg = GenerateConfig(model=tiny_model, prompts=prompt_file, samples_per_prompt=N_SAMPLES, steps=STEPS,
+    cfg = GenerateConfig(model=base_model, prompts=prompts, samples_per_prompt=N_SAMPLES, steps=STEPS,
                          chunk_size=4, batch_size=5)
     report = generate(run, cfg)
     assert (report.prompts, report.chunks, report.written, report.samples_written) == (6, 2, 2, 24)
@@ -85,18 +72,18 @@ def test_generate_layout_seeds_and_rerun(tmp_path, tiny_model, prompt_file):
     assert rows(tmp_path / "again") == rows(run.root)
 
 
-def test_datasets_reads_images(tmp_path, tiny_model, prompt_file):
+def test_datasets_reads_images(tmp_path, base_model, prompts):
     datasets = pytest.importorskip("datasets")
     run = RunDir.at(tmp_path / "run")
-    generate(run, GenerateConfig(model=tiny_model, prompts=prompt_file, samples_per_prompt=2, steps=1))
+    generate(run, GenerateConfig(model=base_model, prompts=prompts, samples_per_prompt=2, steps=1))
     ds = datasets.load_dataset("parquet", data_files=str(run.samples_dir / "*.parquet"), split="train",
                                cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 12 and isinstance(ds[0]["image"], Image.Image) and ds[0]["image"].size == (32, 32)
 
 
-def test_incompatible_rerun_names_key(tmp_path, tiny_model, prompt_file):
+def test_incompatible_rerun_names_key(tmp_path, base_model, prompts):
     run = RunDir.at(tmp_path / "run")
-    cfg = GenerateConfig(model=tiny_model, prompts=prompt_file, samples_per_prompt=2, steps=1, chunk_size=6)
+    cfg = GenerateConfig(model=base_model, prompts=prompts, samples_per_prompt=2, steps=1, chunk_size=6)
     generate(run, cfg)
     before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
     with pytest.raises(CapoError, match="config key 'samples_per_prompt' is 3 but this run's samples used 2"):
@@ -105,18 +92,18 @@ def test_incompatible_rerun_names_key(tmp_path, tiny_model, prompt_file):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_model, prompt_file) -> Path:
+def reference_run(tmp_path_factory, base_model, prompts) -> Path:
     """An uninterrupted 1-process run (chunks of 1 prompt, one thread)."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run([sys.executable, "-m", "capo.cli", *cli_args(tiny_model, prompt_file, run, chunk=1)],
+    subprocess.run([sys.executable, "-m", "capo.cli", *cli_args(base_model, prompts, run, chunk=1)],
                    check=True, env=env(), capture_output=True)
     return run
 
 
 @pytest.mark.slow
-def test_kill9_then_rerun_equals_uninterrupted(tmp_path, tiny_model, prompt_file, reference_run):
+def test_kill9_then_rerun_equals_uninterrupted(tmp_path, base_model, prompts, reference_run):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "capo.cli", *cli_args(tiny_model, prompt_file, run, chunk=1)]
+    args = [sys.executable, "-m", "capo.cli", *cli_args(base_model, prompts, run, chunk=1)]
     proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((run / "samples").glob("part-*.parquet")) and time.time() < deadline:
@@ -134,12 +121,12 @@ def test_kill9_then_rerun_equals_uninterrupted(tmp_path, tiny_model, prompt_file
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, tiny_model, prompt_file, reference_run):
+def test_two_processes_equal_one(tmp_path, base_model, prompts, reference_run):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not installed")
     run = tmp_path / "run"
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "capo.cli",
-           *cli_args(tiny_model, prompt_file, run, chunk=1)]
+           *cli_args(base_model, prompts, run, chunk=1)]
     subprocess.run(cmd, check=True, env=env(), capture_output=True, timeout=300)
     names = sorted(p.name for p in (run / "samples").iterdir())
     assert names == sorted(shard_name(c % 2, c) for c in range(N_PROMPTS))  # each rank its own chunks

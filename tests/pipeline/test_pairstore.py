@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train import base_model, make_run, tensors  # noqa: F401 - base_model is a fixture
+from test_train import make_run, tensors
 
 from capo.errors import CapoError
 from capo.models.base import detect_family, load_model
@@ -21,7 +21,7 @@ def sample_t(run):
     return load_model(*detect_family(run.read_base_model()["path"]), device="cpu").schedule.sample_t
 
 
-def test_store_holds_exactly_the_pairs_latents_and_is_built_once(tmp_path, base_model):  # noqa: F811
+def test_store_holds_exactly_the_pairs_latents_and_is_built_once(tmp_path, base_model):
     run = make_run(tmp_path / "run", base_model, n_prompts=3)
     data = PairSet.from_run(run)
     store = run.root / pairstore.STORE_DIR
@@ -44,7 +44,7 @@ def test_store_holds_exactly_the_pairs_latents_and_is_built_once(tmp_path, base_
     assert torch.equal(again.latents[again.positives.at(0, 0)[0]], latents[(again.prompt_ids[0], 2)])
 
 
-def test_store_reads_across_shards(tmp_path, base_model):  # noqa: F811
+def test_store_reads_across_shards(tmp_path, base_model):
     run = make_run(tmp_path / "shards", base_model, n_prompts=5)
     cached = run.read_embeddings()  # + a second key: safetensors blobs list their keys in any order
     pids = list(cached)
@@ -65,7 +65,7 @@ def test_store_reads_across_shards(tmp_path, base_model):  # noqa: F811
             assert torch.equal(column[int(data.emb_rows[p])], embeddings[pid][name])
 
 
-def test_bfloat16_latents_round_trip_and_rows_index_like_a_tensor(tmp_path, base_model):  # noqa: F811
+def test_bfloat16_latents_round_trip_and_rows_index_like_a_tensor(tmp_path, base_model):
     run = make_run(tmp_path / "bf16", base_model, n_prompts=2)
     lat = torch.randn(8, 4, 3, 5).to(torch.bfloat16)
     pids = [p for p in run.read_pairs().column("prompt_id").to_pylist() for _ in range(4)]
@@ -79,7 +79,7 @@ def test_bfloat16_latents_round_trip_and_rows_index_like_a_tensor(tmp_path, base
         column[[3]]
 
 
-def test_missing_latent_is_a_one_line_error(tmp_path, base_model):  # noqa: F811
+def test_missing_latent_is_a_one_line_error(tmp_path, base_model):
     run = make_run(tmp_path / "missing", base_model, n_prompts=2)
     table = run.read_pairs().to_pydict()
     table["negatives"][0] = [9]
@@ -89,7 +89,7 @@ def test_missing_latent_is_a_one_line_error(tmp_path, base_model):  # noqa: F811
     assert not (run.root / pairstore.STORE_DIR / pairstore.LATENTS_FILE).exists()
 
 
-def test_loader_with_workers_yields_the_pair_stream(tmp_path, base_model):  # noqa: F811
+def test_loader_with_workers_yields_the_pair_stream(tmp_path, base_model):
     run = make_run(tmp_path / "loader", base_model, n_prompts=4)
     data = PairSet.from_run(run)
     batches = StepBatches(data, 3, 4, 1, 2, sample_t(run))

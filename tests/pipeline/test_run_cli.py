@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 import yaml
 
 from capo.cli import build_parser, main
@@ -43,15 +42,11 @@ def test_shipped_config_resolves():
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    from capo.models.shapes import build_shapes_model
-
+def tiny_config(tmp_path_factory, base_model) -> str:
     root = tmp_path_factory.mktemp("cfg")
-    torch.manual_seed(0)
-    build_shapes_model("vp", size="tiny").save_pretrained(str(root / "tiny"))
     config = {
         "run": str(root / "unused"),
-        "generate": {"model": str(root / "tiny"), "prompts": "shapes:train", "num_prompts": 6,
+        "generate": {"model": base_model, "prompts": "shapes:train", "num_prompts": 6,
                      "samples_per_prompt": 4, "steps": 2, "chunk_size": 3},
         "score": {"reward": ["shapes-alignment", "shapes-aesthetic"]},
         "select": {"rule": "frs"},

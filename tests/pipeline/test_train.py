@@ -48,15 +48,6 @@ POS, NEG, POS_RCA, NEG_RCA = [0, 1], [3], [0.9, 0.7], [0.2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> str:
-    from capo.models.shapes import build_shapes_model
-
-    path = tmp_path_factory.mktemp("base") / "shapes-vp-tiny"
-    build_shapes_model("vp", size="tiny", device="cpu").save_pretrained(path)
-    return str(path)
-
-
 def make_run(root: Path, model_dir: str, n_prompts: int = N_PROMPTS, n_samples: int = N_SAMPLES) -> RunDir:
     """A run directory as generate + select leave it (random latents; the pairs are made up)."""
     from capo.shapes.world import make_prompts

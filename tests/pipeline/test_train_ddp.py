@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train import base_model, make_run  # noqa: F401 - base_model is a fixture
+from test_train import make_run
 
 from capo.pipeline.train import trained_state_dict
 
@@ -36,7 +36,7 @@ def launch(prefix, run):
 
 
 @pytest.mark.slow
-def test_two_processes_reach_the_weights_of_one(tmp_path, base_model):  # noqa: F811
+def test_two_processes_reach_the_weights_of_one(tmp_path, base_model):
     one = make_run(tmp_path / "one", base_model, n_prompts=4)
     shutil.copytree(one.root, tmp_path / "two")
     two = type(one).at(tmp_path / "two")

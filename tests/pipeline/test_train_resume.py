@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from test_train import base_model, config, make_run  # noqa: F401 - base_model is a fixture
+from test_train import config, make_run
 
 import capo.pipeline.train as T
 from capo.errors import CapoError
@@ -32,7 +32,7 @@ def copy_run(src, dst):
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory, base_model):  # noqa: F811
+def whole(tmp_path_factory, base_model):
     """An uninterrupted run of SETTINGS, trained in this process."""
     run = make_run(tmp_path_factory.mktemp("whole"), base_model, n_prompts=3)
     T.train(config(run, **SETTINGS))
