@@ -48,7 +48,11 @@ def test_run_configs_load_into_the_stage_dataclasses(path):
     assert set(stages) == {"generate", "score", "calibrate", "select", "train", "evaluate"}
     raw = yaml.safe_load(path.read_text())
     for name, section in raw.items():  # every key given reached its dataclass unchanged
-        if isinstance(section, dict):
+        if name == "round_evaluate":  # RunConfig's per-round evaluation, over the evaluate section
+            from capo.pipeline.rounds import round_evaluate_config
+
+            assert all(getattr(round_evaluate_config(cfg), k) == v for k, v in section.items())
+        elif isinstance(section, dict):
             for key, value in section.items():
                 assert getattr(stages[name], key) == value, (path.name, name, key)
     names = stages["score"].reward + stages["evaluate"].reward

@@ -94,6 +94,15 @@ def test_rounds_layout_and_curve(uninterrupted):
     assert tuned == str(r1.model_dir)  # the final evaluation is of the last round's model
 
 
+def test_report_shows_round_curves(uninterrupted, tmp_path):
+    from capo.report.html import build_report
+
+    page = build_report(uninterrupted, tmp_path / "report")
+    text = page.read_text()
+    assert "Online rounds" in text and 'src="rounds.png"' in text
+    assert (tmp_path / "report" / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_round_calibrated_against_base_bank(uninterrupted):
     """Round 1's R_ca is each sample's mean win-rate over the base round's samples of its prompt."""
     from capo.calibration import sigmoid

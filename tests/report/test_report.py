@@ -97,6 +97,17 @@ def test_scatter_and_curves_draw(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
+def test_round_curves_draw(tmp_path):
+    stat = {"win_rate": 55.0, "ci_low": 50.0, "ci_high": 60.0}
+    curve = [{"round": r, "rewards": {"a": stat, "b": stat}, "gold": {"base": 0.4, "tuned": 0.5}}
+             for r in range(3)]
+    assert plots.round_curves(curve, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert plots.round_curves([{k: v for k, v in row.items() if k != "gold"} for row in curve],
+                              tmp_path / "no-gold.png")
+    assert not plots.round_curves([], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
 def test_cells():
     stat = {"kind": "win", "value": 58.14, "low": 54.2, "high": 61.94, "seeds": 2, "planned": 3}
     assert cell_html(stat) == '<td>58.1 <span class="ci">[54.2, 61.9] (2/3 seeds)</span></td>'

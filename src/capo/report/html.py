@@ -165,12 +165,22 @@ def curves_html(runs: dict[str, Path], out: Path, name: str) -> str:
     return ""
 
 
+def rounds_html(run: RunDir, out: Path) -> str:
+    """The online rounds' validation curves (RUN/rounds/curve.json, ``capo run --rounds K``)."""
+    path = run.root / "rounds" / "curve.json"
+    if not path.is_file() or not plots.round_curves(json.loads(path.read_text()), out / "rounds.png"):
+        return ""
+    return figure("rounds.png", "online CaPO: validation win-rate over the base (95% interval) and "
+                  "balanced gold accuracy after every round (round 0: the offline model)")
+
+
 def run_body(src: Path, out: Path) -> str:
     run = RunDir.at(src)
     results = run.eval_dir / "results.json"
     parts = [f"<h1>capo report: run <code>{html.escape(str(src))}</code></h1>",
              section("Results on held-out prompts", with_ci := scores_html(run),
                      results_html(json.loads(results.read_text()), not with_ci) if results.is_file() else ""),
+             section("Online rounds", rounds) if (rounds := rounds_html(run, out)) else "",
              section("Base vs tuned, per prompt category", grids_html(run.eval_dir, out, "")),
              section("Calibrated rewards per prompt: Pareto fronts, X+ and X-", scatter_html(run, out, "")),
              section("Training curves", curves_html({"train": run.root / "logs"}, out, "training.png"))]

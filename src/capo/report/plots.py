@@ -125,6 +125,38 @@ def _stat_series(table: dict[str, Any], column: int) -> tuple[list[float], ...]:
     return out
 
 
+def round_curves(curve: list[dict[str, Any]], path: Path) -> bool:
+    """Online rounds (RUN/rounds/curve.json): the validation win-rate over the base of each reward
+    with its 95% band, and the balanced gold accuracy of the round's model and of the base, against
+    the round."""
+    if not curve:
+        return False
+    plt = _pyplot()
+    rounds = [row["round"] for row in curve]
+    gold = all("gold" in row for row in curve)
+    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(8.0 if gold else 4.5, 3.0), squeeze=False)
+    ax = axes[0][0]
+    for name in curve[0]["rewards"]:
+        stats = [row["rewards"][name] for row in curve]
+        ax.plot(rounds, [s["win_rate"] for s in stats], marker="o", ms=3, label=name)
+        ax.fill_between(rounds, [s["ci_low"] for s in stats], [s["ci_high"] for s in stats], alpha=0.2)
+    ax.axhline(50.0, color="#999", lw=0.8, ls="--")
+    ax.set_title("validation win-rate over the base (%)", fontsize=9)
+    if gold:
+        g = axes[0][1]
+        g.plot(rounds, [row["gold"]["tuned"] for row in curve], marker="o", ms=3, label="round's model")
+        g.plot(rounds, [row["gold"]["base"] for row in curve], color="#999", ls="--", label="base")
+        g.set_title("balanced gold accuracy (validation)", fontsize=9)
+    for ax in axes[0]:
+        ax.set_xlabel("round", fontsize=8)
+        ax.set_xticks(rounds)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 def overopt_curves(models: dict[str, dict[str, Any]], path: Path) -> bool:
     """Per base model: gold accuracy and trained-reward win-rate against the training step, one line
     per objective with its 95% band (from the over-optimisation table of tables.json)."""
