@@ -53,8 +53,8 @@ def test_stop_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, whole,
 
     save = T.save_checkpoint
 
-    def save_then_die(tr, step):
-        save(tr, step)
+    def save_then_die(*args):
+        save(*args)
         raise Stop
 
     monkeypatch.setattr(T, "save_checkpoint", save_then_die)

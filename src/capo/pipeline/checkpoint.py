@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from accelerate import Accelerator
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,9 +26,6 @@ from capo.config import identity_keys
 from capo.errors import CapoError
 from capo.pipeline.integrity import damage, manifest
 from capo.pipeline.rundir import RunDir
-
-if TYPE_CHECKING:
-    from capo.pipeline.train import Trainer
 
 #: learning-rate schedules whose value at step k does not depend on max_steps: under them a resume
 #: may extend max_steps (the first steps are the same trajectory); under the others it may not
@@ -64,10 +61,11 @@ def checkpoints(run: RunDir) -> dict[int, Path]:
     return found
 
 
-def save_checkpoint(tr: Trainer, step: int) -> Path:
-    """checkpoints/step-K/: accelerate state and position.json; written to a temp dir, then renamed;
-    only the newest ``keep_checkpoints`` are kept."""
-    acc, root = tr.accelerator, tr.run.checkpoints_dir
+def save_checkpoint(acc: Accelerator, run: RunDir, config: Any, step: int, metrics: dict[str, float]) -> Path:
+    """RUN/checkpoints/step-K/: accelerate state and position.json (step, config, the last step's
+    metrics, file manifest); written to a temp dir, then renamed; only the newest
+    ``config.keep_checkpoints`` are kept."""
+    root = run.checkpoints_dir
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -76,12 +74,12 @@ def save_checkpoint(tr: Trainer, step: int) -> Path:
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        position = {"step": step, "config": dataclasses.asdict(tr.config), "metrics": tr.last_metrics,
+        position = {"step": step, "config": dataclasses.asdict(config), "metrics": metrics,
                     "files": manifest(tmp)}
         (tmp / "position.json").write_text(json.dumps(position, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(checkpoints(tr.run))[: -tr.config.keep_checkpoints or None]:
+        for old in sorted(checkpoints(run))[: -config.keep_checkpoints or None]:
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     acc.wait_for_everyone()
     return final
@@ -134,25 +132,25 @@ def newest_intact(run: RunDir, warn: Any = print) -> tuple[Path, dict[str, Any]]
     return None
 
 
-def resume(tr: Trainer) -> int:
-    """Load the newest intact checkpoint if --resume (else refuse to overwrite one); its step."""
-    found = checkpoints(tr.run)
+def resume(acc: Accelerator, run: RunDir, config: Any) -> tuple[int, dict[str, float]]:
+    """Load the newest intact checkpoint of RUN into ``acc`` if config.resume (else refuse to
+    overwrite one); (its step, its last metrics), (0, {}) when there is none."""
+    found = checkpoints(run)
     if not found:
-        return 0
-    if not tr.config.resume:
+        return 0, {}
+    if not config.resume:
         raise CapoError("checkpoints exist; pass --resume to continue, or remove them",
                         path=str(found[max(found)]))
-    newest, saved = newest_intact(tr.run, warn=_warn(tr.accelerator))
-    check_trajectory(saved, tr.config, newest)
-    if newest != found[max(found)] and tr.accelerator.is_main_process:
+    newest, saved = newest_intact(run, warn=_warn(acc))
+    check_trajectory(saved, config, newest)
+    if newest != found[max(found)] and acc.is_main_process:
         print(f"capo train: resuming from {newest} (step {saved['step']})", file=sys.stderr)
     try:
-        tr.accelerator.load_state(str(newest))
-        tr.last_metrics = dict(saved.get("metrics", {}))
+        acc.load_state(str(newest))
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CapoError(f"cannot load this checkpoint ({type(e).__name__}: {str(e)[:160]}); remove it to "
                         "resume from an older one", path=str(newest)) from None
-    return int(saved["step"])
+    return int(saved["step"]), dict(saved.get("metrics", {}))
 
 
 def _warn(acc: Accelerator) -> Any:

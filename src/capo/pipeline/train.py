@@ -292,7 +292,8 @@ def save_model(tr: Trainer, summary: dict[str, Any]) -> None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the recipe (resuming if asked); returns the summary written to model/train_summary.json."""
     tr = setup(config)
-    acc, start, began = tr.accelerator, resume(tr), time.time()
+    acc, began = tr.accelerator, time.time()
+    start, tr.last_metrics = resume(acc, tr.run, config)
     acc.init_trackers("capo-train", config={k: v for k, v in dataclasses.asdict(config).items()
                                             if v is not None})
     metrics = dict(tr.last_metrics)  # a resume at max_steps keeps the checkpoint's last metrics
@@ -310,7 +311,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if (warning := diagnostics.check()) and acc.is_main_process:
             tqdm.write(f"capo train: {warning}", file=sys.stderr)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            save_checkpoint(tr, step + 1)
+            save_checkpoint(acc, tr.run, config, step + 1, tr.last_metrics)
     bar.close()
     summary = {"steps": config.max_steps, "resumed_from": start, "processes": acc.num_processes,
                "seconds": round(time.time() - began, 3), "last_metrics": metrics,
