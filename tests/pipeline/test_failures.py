@@ -134,6 +134,18 @@ def test_bad_setting_is_one_line_before_any_work(case, world, tmp_path, capsys):
     assert not run.exists()
 
 
+@pytest.mark.parametrize(("setting", "match"), [
+    ("train_seeds=[-1]", "'train_seeds' must be >= 0, got -1"),
+    ("sweep_learning_rates=[.inf]", "'sweep_learning_rates' must be a finite number"),
+    ("hyper={vp: {capo: {beta: .inf}}}", "'hyper.vp.capo' must hold positive numbers"),
+    ("train.beta=.nan", "config key 'beta' must be a finite number"),
+])
+def test_bad_experiment_setting(setting, match, tmp_path, capsys):
+    one_line_error(capsys, ["experiment", "smoke", "--out", str(tmp_path / "x"), "--set", setting,
+                            "--dry-run"], match, tmp_path)
+    assert not (tmp_path / "x").exists()
+
+
 def test_unknown_model_name_fails_at_once(tmp_path, capsys):
     one_line_error(capsys, ["generate", "--run", str(tmp_path / "r"), "--model", "shapes-vpp"],
                    "unknown model 'shapes-vpp': not a built-in name", tmp_path)

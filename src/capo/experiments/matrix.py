@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,10 +64,10 @@ class ExperimentConfig:
     objectives: list[str] = doc("preference objectives of Tables 1 and 2", list(OBJECTIVES))
     tables: list[str] = doc("tables to produce: table1, table2, table5, overopt (sweep: capo sweep)",
                             ["table1", "table2", "table5", "overopt"])
-    train_seeds: list[int] = doc("training seeds of every cell", [0])
+    train_seeds: list[int] = doc("training seeds of every cell", [0], ge=0)
     key_cells: list[str] = doc("Table 2 cells OBJECTIVE-METHOD run with key_seeds",
                                ["capo-frs", "dpo-frs", "capo-sum"])
-    key_seeds: list[int] = doc("training seeds of the key comparison cells", [0, 1, 2])
+    key_seeds: list[int] = doc("training seeds of the key comparison cells", [0, 1, 2], ge=0)
     soup: str = doc("SOUP merge of task vectors: slerp | linear", "slerp")
     weightings: list[str] = doc("Table 5 loss weightings: constant | sigmoid:BIAS",
                                 ["constant", "sigmoid:1.0", "sigmoid:1.5", "sigmoid:2.0"])
@@ -147,7 +148,7 @@ class ExperimentConfig:
 
 
 def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _check_subset(key: str, values: list[str], known: tuple[str, ...]) -> None:
