@@ -32,8 +32,7 @@ def loop_prompt(r: list[list[float]]) -> tuple[list[list[float]], list[bool], li
     """One prompt, plain Python: r[i][j] = reward j of sample i -> (R_ca, X+, X-)."""
     n, L = len(r), len(r[0])
     rca = [
-        [sum(1 / (1 + math.exp(r[k][j] - r[i][j])) for k in range(n) if k != i) / (n - 1)
-         for j in range(L)]
+        [sum(1 / (1 + math.exp(r[k][j] - r[i][j])) for k in range(n) if k != i) / (n - 1) for j in range(L)]
         for i in range(n)
     ]
 
@@ -74,9 +73,11 @@ def main() -> None:
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     best = min(times)
-    print(f"vectorised calibrate x{L} + ensemble + FRS: best {best:.3f} s wall "
-          f"of {args.repeats} runs ({', '.join(f'{t:.3f}' for t in times)}); "
-          f"CPU time best {min(cpu):.3f} s")
+    print(
+        f"vectorised calibrate x{L} + ensemble + FRS: best {best:.3f} s wall "
+        f"of {args.repeats} runs ({', '.join(f'{t:.3f}' for t in times)}); "
+        f"CPU time best {min(cpu):.3f} s"
+    )
     start = time.perf_counter()
     frontier_sets(R_ca)
     print(f"  of which FRS alone: {time.perf_counter() - start:.3f} s wall")

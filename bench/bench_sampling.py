@@ -70,8 +70,10 @@ def main() -> None:
             best_s = min(best_s, time_sampling(model, prompts))
             best_f = min(best_f, time_floor(model, len(prompts)))
         n = len(prompts)
-        print(f"| shapes-{kind} | {source} | {model.default_steps} | {model.default_guidance:g} | "
-              f"{n / best_s:.1f} | {n / best_f:.1f} | {best_s / best_f:.3f} |")
+        print(
+            f"| shapes-{kind} | {source} | {model.default_steps} | {model.default_guidance:g} | "
+            f"{n / best_s:.1f} | {n / best_f:.1f} | {best_s / best_f:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def base_model_dir(root: Path, size: str) -> str:
     return str(root / "base")
 
 
-def synthetic_run(root: Path, model_dir: str, prompts: int = 16, samples: int = 4,
-                  adapter: DiffusionAdapter | None = None) -> RunDir:
+def synthetic_run(
+    root: Path, model_dir: str, prompts: int = 16, samples: int = 4, adapter: DiffusionAdapter | None = None
+) -> RunDir:
     """generate + select outputs: random latents, real cached embeddings, X+ = {0, 1}, X- = {last}.
 
     ``adapter``: the model of ``model_dir`` already loaded with its text encoders (else loaded on CPU).
@@ -61,14 +62,26 @@ def synthetic_run(root: Path, model_dir: str, prompts: int = 16, samples: int = 
     adapter = adapter or load_model(*detect_family(model_dir), device="cpu")
     specs = make_prompts("train")[:prompts]
     pids = [s.prompt_id for s in specs]
-    write(embeddings_table(pids, adapter.encode_prompts([s.text for s in specs])),
-          run.embeddings_dir / shard_name(0, 0))
+    write(
+        embeddings_table(pids, adapter.encode_prompts([s.text for s in specs])),
+        run.embeddings_dir / shard_name(0, 0),
+    )
     rows = [(p, i) for p in pids for i in range(samples)]
     latents = torch.rand(len(rows), *adapter.latent_shape()) * 2 - 1
-    write(samples_table([r[0] for r in rows], [r[1] for r in rows], list(range(len(rows))), [b""] * len(rows),
-                        latents), run.samples_dir / shard_name(0, 0))
-    pairs = {"prompt_id": pids, "positives": [[0, 1]] * prompts, "negatives": [[samples - 1]] * prompts,
-             "pos_rca": [[0.8, 0.7]] * prompts, "neg_rca": [[0.2]] * prompts, "rule": ["frs"] * prompts}
+    write(
+        samples_table(
+            [r[0] for r in rows], [r[1] for r in rows], list(range(len(rows))), [b""] * len(rows), latents
+        ),
+        run.samples_dir / shard_name(0, 0),
+    )
+    pairs = {
+        "prompt_id": pids,
+        "positives": [[0, 1]] * prompts,
+        "negatives": [[samples - 1]] * prompts,
+        "pos_rca": [[0.8, 0.7]] * prompts,
+        "neg_rca": [[0.2]] * prompts,
+        "rule": ["frs"] * prompts,
+    }
     write(pa.table(pairs, schema=PAIRS_SCHEMA), run.pairs_path)
     return run
 
@@ -78,8 +91,9 @@ def floor_fn(tr: Trainer) -> Callable[[], None]:
     b = tr.data.batch(0, 0, tr.config.batch_size, 0, 1, tr.adapter.schedule.sample_t)
     b = b.to(tr.accelerator.device)
     t = torch.cat([b.t[:, 0], b.t[:, 0]])  # the first (t, noise) draw of each pair
-    x_t = add_noise(torch.cat([b.x_pos, b.x_neg]), torch.cat([b.eps_pos[:, 0], b.eps_neg[:, 0]]), t,
-                    tr.adapter.schedule)
+    x_t = add_noise(
+        torch.cat([b.x_pos, b.x_neg]), torch.cat([b.eps_pos[:, 0], b.eps_neg[:, 0]]), t, tr.adapter.schedule
+    )
     emb = {k: torch.cat([v, v]) for k, v in b.emb.items()}
 
     def floor() -> None:
@@ -112,10 +126,21 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = synthetic_run(Path(tmp), base_model_dir(Path(tmp), args.size))
-        tr = setup(from_dict(TrainConfig, {
-            "run": str(run.root), "objective": args.objective, "batch_size": args.pairs,
-            "lora": not args.full, "max_steps": 10**6, "log_with": "none", "checkpoint_every": 0,
-            "mixed_precision": args.mixed_precision}))
+        tr = setup(
+            from_dict(
+                TrainConfig,
+                {
+                    "run": str(run.root),
+                    "objective": args.objective,
+                    "batch_size": args.pairs,
+                    "lora": not args.full,
+                    "max_steps": 10**6,
+                    "log_with": "none",
+                    "checkpoint_every": 0,
+                    "mixed_precision": args.mixed_precision,
+                },
+            )
+        )
         device, floor = tr.accelerator.device, floor_fn(tr)
         for step in range(2):  # warm-up
             optimizer_step(tr, step)
@@ -126,9 +151,11 @@ def main() -> None:
             floors.append(timed(floor, device))
     step_s, floor_s = statistics.median(steps), statistics.median(floors)
     trainable = sum(p.numel() for p in tr.params)
-    print(f"device {device} | {'full' if args.full else 'LoRA'} ({trainable} trainable) | objective "
-          f"{args.objective} | B = {args.pairs} pairs (forward batch {2 * args.pairs}) | {args.reps} reps, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device} | {'full' if args.full else 'LoRA'} ({trainable} trainable) | objective "
+        f"{args.objective} | B = {args.pairs} pairs (forward batch {2 * args.pairs}) | {args.reps} reps, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"CaPO step (median): {step_s * 1e3:8.2f} ms")
     print(f"floor     (median): {floor_s * 1e3:8.2f} ms  (policy fwd+bwd [2B] + no-grad reference fwd [2B])")
     print(f"ratio step / floor: {step_s / floor_s:.3f}  (target <= 1.25)")

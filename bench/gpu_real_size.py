@@ -44,25 +44,59 @@ from param_counts import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD3M_TRANSFORMER, SDXL_UNE
 TINY_PIPELINES = Path(__file__).resolve().parents[1] / "tests" / "models" / "tiny_pipelines.py"
 #: published VAE scaling (sdxl-vae / sd3 vae config.json)
 SDXL_VAE = {**VAE_4CH, "scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024}
-SD3_VAE = {**VAE_4CH, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
-           "scaling_factor": 1.5305, "shift_factor": 0.0609, "sample_size": 1024}
+SD3_VAE = {
+    **VAE_4CH,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "sample_size": 1024,
+}
 #: --tiny: the same architectures shrunk to run the whole script on a CPU in seconds (per family)
 _TINY_CLIP = {"intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
-_TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32,
-             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+_TINY_VAE = {
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
 TINY = {
-    "sdxl": {"unet": {"block_out_channels": [32, 64, 64], "attention_head_dim": [2, 4, 4],
-                      "cross_attention_dim": 64, "transformer_layers_per_block": [1, 1, 1],
-                      "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32,
-                      "sample_size": 16, "norm_num_groups": 8},
-             "clip_l": {**_TINY_CLIP, "hidden_size": 32, "projection_dim": 32},
-             "clip_g": {**_TINY_CLIP, "hidden_size": 32, "projection_dim": 32}, "vae": _TINY_VAE},
-    "sd3": {"sd3": {"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4, "in_channels": 16,
-                    "out_channels": 16, "caption_projection_dim": 32, "joint_attention_dim": 32,
-                    "pooled_projection_dim": 32, "sample_size": 16, "pos_embed_max_size": 16},
-            "clip_l": {**_TINY_CLIP, "hidden_size": 16, "projection_dim": 16},
-            "clip_g": {**_TINY_CLIP, "hidden_size": 16, "projection_dim": 16},
-            "t5": {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 2}, "vae": _TINY_VAE},
+    "sdxl": {
+        "unet": {
+            "block_out_channels": [32, 64, 64],
+            "attention_head_dim": [2, 4, 4],
+            "cross_attention_dim": 64,
+            "transformer_layers_per_block": [1, 1, 1],
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "sample_size": 16,
+            "norm_num_groups": 8,
+        },
+        "clip_l": {**_TINY_CLIP, "hidden_size": 32, "projection_dim": 32},
+        "clip_g": {**_TINY_CLIP, "hidden_size": 32, "projection_dim": 32},
+        "vae": _TINY_VAE,
+    },
+    "sd3": {
+        "sd3": {
+            "num_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 4,
+            "in_channels": 16,
+            "out_channels": 16,
+            "caption_projection_dim": 32,
+            "joint_attention_dim": 32,
+            "pooled_projection_dim": 32,
+            "sample_size": 16,
+            "pos_embed_max_size": 16,
+        },
+        "clip_l": {**_TINY_CLIP, "hidden_size": 16, "projection_dim": 16},
+        "clip_g": {**_TINY_CLIP, "hidden_size": 16, "projection_dim": 16},
+        "t5": {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 2},
+        "vae": _TINY_VAE,
+    },
 }
 
 
@@ -94,8 +128,9 @@ def _clip(cfg: dict, projection: bool, tiny: dict | None) -> torch.nn.Module:
 def _t5(tiny: dict | None) -> torch.nn.Module:
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(**{**T5_XXL, **(tiny or {}), "dropout_rate": 0.0, "pad_token_id": 0,
-                                      "eos_token_id": 1}))
+    return T5EncoderModel(
+        T5Config(**{**T5_XXL, **(tiny or {}), "dropout_rate": 0.0, "pad_token_id": 0, "eos_token_id": 1})
+    )
 
 
 def _vae(cfg: dict, tiny: dict | None) -> torch.nn.Module:
@@ -110,12 +145,20 @@ def build_sdxl(tiny: bool) -> Any:
 
     t = TINY["sdxl"] if tiny else {}
     tok, _ = _tokenizers()
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
     scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
     return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(**{**SDXL_UNET, **t.get("unet", {})}), scheduler=scheduler,
-        vae=_vae(SDXL_VAE, t.get("vae")), tokenizer=tok, tokenizer_2=tok,
+        unet=UNet2DConditionModel(**{**SDXL_UNET, **t.get("unet", {})}),
+        scheduler=scheduler,
+        vae=_vae(SDXL_VAE, t.get("vae")),
+        tokenizer=tok,
+        tokenizer_2=tok,
         text_encoder=_clip(CLIP_L_TEXT, False, t.get("clip_l")),
         text_encoder_2=_clip(CLIP_BIGG_TEXT, True, t.get("clip_g")),
     )
@@ -129,10 +172,15 @@ def build_sd3(tiny: bool) -> Any:
     tok, t5_tok = _tokenizers()
     mmdit = {**SD3M_TRANSFORMER, **t.get("sd3", {})}
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**mmdit), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(SD3_VAE, t.get("vae")), tokenizer=tok, tokenizer_2=tok, tokenizer_3=t5_tok,
+        transformer=SD3Transformer2DModel(**mmdit),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(SD3_VAE, t.get("vae")),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        tokenizer_3=t5_tok,
         text_encoder=_clip(CLIP_L_TEXT, True, t.get("clip_l")),
-        text_encoder_2=_clip(CLIP_BIGG_TEXT, True, t.get("clip_g")), text_encoder_3=_t5(t.get("t5")),
+        text_encoder_2=_clip(CLIP_BIGG_TEXT, True, t.get("clip_g")),
+        text_encoder_3=_t5(t.get("t5")),
     )
 
 
@@ -200,11 +248,19 @@ def bench_generate(path: Path, args: argparse.Namespace, device: torch.device) -
         encode_text = timed(lambda: adapter.encode_prompts(pair_prompts), device, reps=3)
         encode_vae = timed(lambda: adapter.pipe.vae.encode(pixels).latent_dist.sample(), device, reps=3)
     n = len(prompts)
-    return {"resolution": side, "steps": steps, "guidance": adapter.default_guidance, "batch": n,
-            "images_per_s_from_prompts": n / from_prompts, "images_per_s_from_cache": n / from_cache,
-            "uncached_extra_s_per_step": {"text_encoders_B_prompts": encode_text,
-                                          "vae_encode_2B_images": encode_vae},
-            "peak_gib_generate": peak_gib(device)}, adapter
+    return {
+        "resolution": side,
+        "steps": steps,
+        "guidance": adapter.default_guidance,
+        "batch": n,
+        "images_per_s_from_prompts": n / from_prompts,
+        "images_per_s_from_cache": n / from_cache,
+        "uncached_extra_s_per_step": {
+            "text_encoders_B_prompts": encode_text,
+            "vae_encode_2B_images": encode_vae,
+        },
+        "peak_gib_generate": peak_gib(device),
+    }, adapter
 
 
 #: training setups measured: label -> TrainConfig overrides
@@ -223,17 +279,33 @@ def bench_train(run_root: Path, label: str, pairs: int, steps: int, device: torc
     free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    config = from_dict(TrainConfig, {"run": str(run_root), "objective": "capo", "batch_size": pairs,
-                                     "mixed_precision": "bf16", "max_steps": 10**6, "log_with": "none",
-                                     "checkpoint_every": 0, **SETUPS[label]})
+    config = from_dict(
+        TrainConfig,
+        {
+            "run": str(run_root),
+            "objective": "capo",
+            "batch_size": pairs,
+            "mixed_precision": "bf16",
+            "max_steps": 10**6,
+            "log_with": "none",
+            "checkpoint_every": 0,
+            **SETUPS[label],
+        },
+    )
     try:
         tr = setup(config)
         for step in range(2):
             optimizer_step(tr, step)
-        step_s = statistics.median([timed(lambda s=s: optimizer_step(tr, s), device)
-                                    for s in range(2, 2 + steps)])
-        out = {"pairs": pairs, "step_s": step_s, "pairs_per_s": pairs / step_s, "peak_gib": peak_gib(device),
-               "trainable_params": sum(p.numel() for p in tr.params)}
+        step_s = statistics.median(
+            [timed(lambda s=s: optimizer_step(tr, s), device) for s in range(2, 2 + steps)]
+        )
+        out = {
+            "pairs": pairs,
+            "step_s": step_s,
+            "pairs_per_s": pairs / step_s,
+            "peak_gib": peak_gib(device),
+            "trainable_params": sum(p.numel() for p in tr.params),
+        }
         tr.accelerator.free_memory()
         tr = None
     except torch.OutOfMemoryError as e:
@@ -245,22 +317,27 @@ def bench_train(run_root: Path, label: str, pairs: int, steps: int, device: torc
 def table(family: str, res: dict) -> str:
     g = res["generate"]
     extra = g["uncached_extra_s_per_step"]
-    lines = [f"## {family} at {g['resolution']}², {res['device']}",
-             f"generate ({g['steps']} steps, CFG {g['guidance']}, batch {g['batch']}, bf16, VAE decode): "
-             f"{g['images_per_s_from_prompts']:.3f} img/s from prompts, "
-             f"{g['images_per_s_from_cache']:.3f} img/s from cached embeddings",
-             "without the cache a step would add: text encoders "
-             f"{extra['text_encoders_B_prompts'] * 1e3:.1f} ms "
-             f"+ VAE encode of 2B images {extra['vae_encode_2B_images'] * 1e3:.1f} ms",
-             "", "| setup (bf16 mixed precision) | B pairs | step s | pairs/s | peak GiB | trainable |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## {family} at {g['resolution']}², {res['device']}",
+        f"generate ({g['steps']} steps, CFG {g['guidance']}, batch {g['batch']}, bf16, VAE decode): "
+        f"{g['images_per_s_from_prompts']:.3f} img/s from prompts, "
+        f"{g['images_per_s_from_cache']:.3f} img/s from cached embeddings",
+        "without the cache a step would add: text encoders "
+        f"{extra['text_encoders_B_prompts'] * 1e3:.1f} ms "
+        f"+ VAE encode of 2B images {extra['vae_encode_2B_images'] * 1e3:.1f} ms",
+        "",
+        "| setup (bf16 mixed precision) | B pairs | step s | pairs/s | peak GiB | trainable |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for label, r in res["train"].items():
         if "error" in r:
             lines.append(f"| {label} | {r['pairs']} | {r['error']} | | | |")
             continue
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {label} | {r['pairs']} | {r['step_s']:.3f} | {r['pairs_per_s']:.2f} | {peak} | "
-                     f"{r['trainable_params']:,} |")
+        lines.append(
+            f"| {label} | {r['pairs']} | {r['step_s']:.3f} | {r['pairs_per_s']:.2f} | {peak} | "
+            f"{r['trainable_params']:,} |"
+        )
     return "\n".join(lines)
 
 

@@ -26,9 +26,15 @@ from capo.weighting import build
 
 def per_draw(batch: PairBatch, k: int) -> PairBatch:
     """Only draw k of every pair."""
-    return PairBatch(x_pos=batch.x_pos, x_neg=batch.x_neg, eps_pos=batch.eps_pos[:, k:k + 1],
-                     eps_neg=batch.eps_neg[:, k:k + 1], t=batch.t[:, k:k + 1],
-                     delta_rca=batch.delta_rca, emb=batch.emb)
+    return PairBatch(
+        x_pos=batch.x_pos,
+        x_neg=batch.x_neg,
+        eps_pos=batch.eps_pos[:, k : k + 1],
+        eps_neg=batch.eps_neg[:, k : k + 1],
+        t=batch.t[:, k : k + 1],
+        delta_rca=batch.delta_rca,
+        emb=batch.emb,
+    )
 
 
 def main() -> None:
@@ -42,22 +48,36 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     run = RunDir.at(args.run)
-    adapter = apply_trained(load_base(run.read_base_model(), torch.device("cpu"), load_text_encoders=False,
-                                      load_vae=False), run.model_dir)
+    adapter = apply_trained(
+        load_base(run.read_base_model(), torch.device("cpu"), load_text_encoders=False, load_vae=False),
+        run.model_dir,
+    )
     reference = REFERENCES[True](adapter.denoiser)
     weighting, mean = build("sigmoid", adapter.schedule, not args.paper, bias=args.bias)
     data = PairSet.from_run(run)
-    print(f"E_t f = {mean:.4f} ({'paper form' if args.paper else 'normalised'}), beta {args.beta:g}, "
-          f"{args.pairs} pairs x {args.draws} draws")
+    print(
+        f"E_t f = {mean:.4f} ({'paper form' if args.paper else 'normalised'}), beta {args.beta:g}, "
+        f"{args.pairs} pairs x {args.draws} draws"
+    )
     for shared in (False, True):
         batch = data.batch(0, 0, args.pairs, 0, 1, adapter.schedule.sample_t, shared, args.draws)
         with torch.no_grad():
-            draws = torch.stack([margin(adapter, adapter.denoiser, reference, per_draw(batch, k),
-                                        weighting)[0] for k in range(args.draws)], dim=1) * args.beta
-        print(f"share_noise={shared!s:5}: jitter per draw (mean within-pair std) "
-              f"{draws.std(dim=1).mean():.4g}; signal (std over pairs of the pair mean) "
-              f"{draws.mean(dim=1).std():.4g}; mean |beta*margin| per draw {draws.abs().mean():.4g}; "
-              f"E[delta_rca] {batch.delta_rca.mean():.4g}")
+            draws = (
+                torch.stack(
+                    [
+                        margin(adapter, adapter.denoiser, reference, per_draw(batch, k), weighting)[0]
+                        for k in range(args.draws)
+                    ],
+                    dim=1,
+                )
+                * args.beta
+            )
+        print(
+            f"share_noise={shared!s:5}: jitter per draw (mean within-pair std) "
+            f"{draws.std(dim=1).mean():.4g}; signal (std over pairs of the pair mean) "
+            f"{draws.mean(dim=1).std():.4g}; mean |beta*margin| per draw {draws.abs().mean():.4g}; "
+            f"E[delta_rca] {batch.delta_rca.mean():.4g}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,56 +22,141 @@ GIB = 2**30
 
 # --- published configs (diffusers / transformers config.json) --------------------------------
 SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
-    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
-                                                      "CrossAttnDownBlock2D"],
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-5, "norm_num_groups": 32, "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-5,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
     "transformer_layers_per_block": [1, 2, 10],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
 }
 SD3M_TRANSFORMER = {  # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
-    "attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16, "joint_attention_dim": 4096,
-    "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
-    "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128,
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "sample_size": 128,
 }
 FLUX_TRANSFORMER = {  # black-forest-labs/FLUX.1-dev, transformer/config.json (schnell: no guidance_embeds)
-    "attention_head_dim": 128, "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096,
-    "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38, "patch_size": 1,
-    "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56],
+    "attention_head_dim": 128,
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": [16, 56, 56],
 }
-CLIP_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-               "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408,
-               "hidden_act": "quick_gelu", "projection_dim": 768}
-CLIP_BIGG_TEXT = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
-                  "num_hidden_layers": 32, "max_position_embeddings": 77, "vocab_size": 49408,
-                  "hidden_act": "gelu", "projection_dim": 1280}
-T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
-          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
+CLIP_L_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+CLIP_BIGG_TEXT = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+T5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+}
 CLIP_H14 = {  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore's and MPS's architecture)
-    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
-                    "num_hidden_layers": 24, "max_position_embeddings": 77, "vocab_size": 49408},
-    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16,
-                      "num_hidden_layers": 32, "image_size": 224, "patch_size": 14},
+    "text_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+    },
+    "vision_config": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 32,
+        "image_size": 224,
+        "patch_size": 14,
+    },
     "projection_dim": 1024,
 }
 CLIP_L14_VISION = {  # openai/clip-vit-large-patch14, vision tower (laion-aesthetic's encoder)
-    "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-    "image_size": 224, "patch_size": 14, "projection_dim": 768,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 768,
 }
 LLAVA_15_7B = {  # llava-hf/llava-1.5-7b-hf (VQAScore's default in capo)
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                      "num_attention_heads": 16, "num_hidden_layers": 24, "image_size": 336,
-                      "patch_size": 14, "projection_dim": 768},
-    "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                    "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 32064},
-    "image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "image_size": 336,
+        "patch_size": 14,
+        "projection_dim": 768,
+    },
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "vocab_size": 32064,
+    },
+    "image_token_index": 32000,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
 }
-VAE_4CH = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+VAE_4CH = {
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
 VAE_16CH = {**VAE_4CH, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
@@ -142,9 +227,13 @@ def lora_targets() -> dict[str, Sequence[str]]:
     from capo.models.sd import UNET_LORA_TARGETS
     from capo.models.sd3 import MMDIT_FF_TARGETS, MMDIT_LORA_TARGETS
 
-    return {"sdxl": UNET_LORA_TARGETS,
-            "sd3": MMDIT_LORA_TARGETS, "sd3+ff": MMDIT_LORA_TARGETS + MMDIT_FF_TARGETS,
-            "flux": MMDIT_LORA_TARGETS, "flux+ff": MMDIT_LORA_TARGETS + FLUX_FF_TARGETS}
+    return {
+        "sdxl": UNET_LORA_TARGETS,
+        "sd3": MMDIT_LORA_TARGETS,
+        "sd3+ff": MMDIT_LORA_TARGETS + MMDIT_FF_TARGETS,
+        "flux": MMDIT_LORA_TARGETS,
+        "flux+ff": MMDIT_LORA_TARGETS + FLUX_FF_TARGETS,
+    }
 
 
 #: denoiser label -> (builder, config, LoRA target sets)
@@ -152,8 +241,11 @@ DENOISERS: dict[str, tuple[Callable[[dict], nn.Module], dict, tuple[str, ...]]] 
     "SDXL UNet": (_unet, SDXL_UNET, ("sdxl",)),
     "SD3-medium MMDiT": (_sd3, SD3M_TRANSFORMER, ("sd3", "sd3+ff")),
     "FLUX.1-dev transformer": (_flux, FLUX_TRANSFORMER, ("flux", "flux+ff")),
-    "FLUX.1-schnell transformer": (_flux, {**FLUX_TRANSFORMER, "guidance_embeds": False},
-                                   ("flux", "flux+ff")),
+    "FLUX.1-schnell transformer": (
+        _flux,
+        {**FLUX_TRANSFORMER, "guidance_embeds": False},
+        ("flux", "flux+ff"),
+    ),
 }
 #: the other components generate loads: label -> (builder, config)
 COMPONENTS: dict[str, tuple[Callable[[dict], nn.Module], dict]] = {
@@ -167,8 +259,10 @@ COMPONENTS: dict[str, tuple[Callable[[dict], nn.Module], dict]] = {
 #: reward models loaded by score / evaluate: label -> (builder, config)
 REWARD_MODELS: dict[str, tuple[Callable[[dict], nn.Module], dict]] = {
     "CLIP ViT-H/14 (pickscore; mps without its cross model)": (_clip, CLIP_H14),
-    "CLIP ViT-L/14 vision + projection (laion-aesthetic, without its head)": (_clip_vision_proj,
-                                                                              CLIP_L14_VISION),
+    "CLIP ViT-L/14 vision + projection (laion-aesthetic, without its head)": (
+        _clip_vision_proj,
+        CLIP_L14_VISION,
+    ),
     "LLaVA-1.5-7B (vqascore)": (_llava, LLAVA_15_7B),
 }
 
@@ -189,8 +283,11 @@ def matches(name: str, targets: Sequence[str]) -> bool:
 
 def lora_params(module: nn.Module, targets: Sequence[str], rank: int) -> int:
     """Trainable LoRA parameters: r · (in + out) per adapted Linear (A: r × in, B: out × r, no bias)."""
-    return sum(rank * (m.in_features + m.out_features) for name, m in module.named_modules()
-               if isinstance(m, nn.Linear) and matches(name, targets))
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and matches(name, targets)
+    )
 
 
 def peft_lora_params(module: nn.Module, targets: Sequence[str], rank: int) -> int:
@@ -272,13 +369,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {key} | " + " | ".join(f"{row[key] / GIB:.2f}" for row in rows) + " |")
     n_samples = args.prompts * args.samples
     print(f"\n## Generate cache in bf16 (2 bytes per element), {args.prompts:,} prompts x {args.samples}\n")
-    print("| family | latent per sample | bytes | all latents GiB "
-          "| embeddings per prompt | bytes | all GiB |")
+    print(
+        "| family | latent per sample | bytes | all latents GiB | embeddings per prompt | bytes | all GiB |"
+    )
     print("|---|---|---:|---:|---|---:|---:|")
     for family, (latent, embs) in cache_shapes().items():
         lat, emb = 2 * numel(latent), 2 * sum(numel(e) for e in embs)
-        print(f"| {family} | {list(latent)} | {lat:,} | {lat * n_samples / GIB:.1f} | "
-              f"{' + '.join(str(list(e)) for e in embs)} | {emb:,} | {emb * args.prompts / GIB:.1f} |")
+        print(
+            f"| {family} | {list(latent)} | {lat:,} | {lat * n_samples / GIB:.1f} | "
+            f"{' + '.join(str(list(e)) for e in embs)} | {emb:,} | {emb * args.prompts / GIB:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -299,6 +299,10 @@ def capo_options(work: Path) -> dict[str, dict]:
             "head": work / "laion-aesthetic" / "aesthetic-head.pth",
         },
         "vqascore": lambda: {"model": llava_hf_dir(work)},
+        "vqascore-clip-flant5": lambda: {
+            "model": work / "vqascore-clip-t5",
+            "tokenizer": work / "vqascore-clip-t5" / "fast-tokenizer",
+        },
     }
 
 
@@ -330,6 +334,7 @@ def main() -> None:
         "clipscore",
         "laion-aesthetic",
         "vqascore",
+        "vqascore-clip-flant5",
         "mps",
     ]
     names = [n for n in names if not args.only or n in args.only.split(",")]

@@ -511,6 +511,103 @@ def vqascore_llava(work: Path, image_paths, prompts) -> list[float]:
     return scores
 
 
+# ---- VQAScore, CLIP-FlanT5: t2v_metrics' CLIPT5Model on a reduced CLIP-T5 ----
+def t5_tokenizer(directory: Path, prompts) -> None:
+    """A sentencepiece unigram model with T5's ids (pad 0, eos 1, unk 2, no BOS; default
+    normalisation, as T5's), saved as the slow T5Tokenizer (100 extra ids, as flan-t5-xxl's)."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    llava_model = import_t2v_llava()
+    text = [
+        llava_model.format_question(llava_model.default_question_template.format(p)) + "Yes No"
+        for p in prompts
+    ]
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(text * 4 + list(prompts)) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / "spiece"),
+        vocab_size=140,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    T5Tokenizer(str(directory / "spiece.model"), model_max_length=2048).save_pretrained(directory)
+
+
+def vqascore_clip_t5(work: Path, image_paths, prompts) -> list[float]:
+    from safetensors.torch import save_file
+    from transformers import T5TokenizerFast
+
+    llava_model = import_t2v_llava()  # registers the t2v_metrics packages without their __init__
+    from t2v_metrics.models.vqascore_models import clip_t5_model
+    from t2v_metrics.models.vqascore_models.clip_t5.model import CLIPT5ForConditionalGeneration
+    from t2v_metrics.models.vqascore_models.clip_t5.model.language_model.clip_t5 import CLIPT5Config
+
+    del llava_model
+    out = work / "vqascore-clip-t5"
+    tower = work / "vqascore-llava" / "vision-tower"  # the reduced CLIP ViT-L/14-336 of the LLaVA case
+    out.mkdir(parents=True, exist_ok=True)
+    t5_tokenizer(out, prompts)
+    n_tok = len(T5Tokenizer_len(out))
+    config = CLIPT5Config(
+        vocab_size=n_tok + 28,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        mm_vision_tower=str(tower),
+        mm_hidden_size=64,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+    )
+    torch.manual_seed(SEED)
+    model = CLIPT5ForConditionalGeneration(config)
+    widen(model, 0.3)
+    model.save_pretrained(out / "official", safe_serialization=False)  # embed_tokens aliases shared
+    clip_t5_model.CLIP_T5_MODELS[
+        "clip-flant5-xxl"
+    ] = {  # clip_t5_model.py lines 30-40, pointed at the local model
+        "tokenizer": {"path": str(out), "model_max_length": 2048},
+        "model": {"path": str(out / "official"), "conversation": "t5_chat", "image_aspect_ratio": "pad"},
+    }
+    scorer = clip_t5_model.CLIPT5Model("clip-flant5-xxl", device="cpu", cache_dir=str(work / "hf-cache"))
+    scorer.model.float()  # load_pretrained_model casts to bfloat16; T5 has no RoPE buffer to recompute
+    gen = torch.Generator().manual_seed(SEED)
+    tensors = {}
+    for key, value in scorer.model.state_dict().items():  # head cut to the tokenizer by t2v: pad it back
+        rows = n_tok + 28 - value.shape[0] if key in ("shared.weight", "lm_head.weight") else 0
+        extra = torch.randn((rows, *value.shape[1:]), generator=gen) * 0.3
+        tensors[key] = torch.cat([value, extra]).contiguous() if rows else value.contiguous().clone()
+    tensors.pop("encoder.embed_tokens.weight", None)
+    tensors.pop("decoder.embed_tokens.weight", None)
+    save_file(tensors, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({**config.to_dict(), "vocab_size": n_tok + 28}))
+    T5TokenizerFast.from_pretrained(out, from_slow=True).save_pretrained(out / "fast-tokenizer")
+    return [float(scorer.forward([str(p)], [q])[0]) for p, q in zip(image_paths, prompts, strict=True)]
+
+
+def T5Tokenizer_len(directory: Path):  # noqa: N802
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(directory)
+
+
 def main() -> None:
     work = Path(sys.argv[1])
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None  # "-": none
@@ -527,6 +624,7 @@ def main() -> None:
         "clipscore": lambda: clipscore(work, image_paths, prompts),
         "laion-aesthetic": lambda: laion_aesthetic(work, image_paths),
         "vqascore": lambda: vqascore_llava(work, image_paths, prompts),
+        "vqascore-clip-flant5": lambda: vqascore_clip_t5(work, image_paths, prompts),
     }
     write_clip_tokenizer(work / "clip-tokenizer")
     write_preprocessor(work / "clip-tokenizer")

@@ -25,12 +25,19 @@ def heldout_samples(min_per_category: int) -> list[tuple[PromptSpec, int]]:
     """(spec, seed) pairs: each held-out prompt with seeds 0..k_c-1, k_c = ceil(min / n_c)."""
     specs = make_prompts("heldout")
     counts = {c: sum(s.category == c for s in specs) for c in CATEGORIES}
-    return [(s, seed) for s in specs
-            for seed in range(max(1, math.ceil(min_per_category / counts[s.category])))]
+    return [
+        (s, seed) for s in specs for seed in range(max(1, math.ceil(min_per_category / counts[s.category])))
+    ]
 
 
-def accuracy(kind: str, path: str | None, steps: int | None, guidance: float | None,
-             min_per_category: int, batch: int = 64) -> tuple[dict, dict, float, int, float]:
+def accuracy(
+    kind: str,
+    path: str | None,
+    steps: int | None,
+    guidance: float | None,
+    min_per_category: int,
+    batch: int = 64,
+) -> tuple[dict, dict, float, int, float]:
     """(gold accuracy per category, samples per category, seconds, steps, CFG) of one model."""
     model = load_shapes(kind, path)
     steps = model.default_steps if steps is None else steps
@@ -58,11 +65,14 @@ def main() -> None:
     print("| model | steps | CFG | overall | " + " | ".join(CATEGORIES) + " |")
     print("|---|---|---|---|" + "---|" * len(CATEGORIES))
     for kind in args.kinds:
-        acc, n, seconds, steps, guidance = accuracy(kind, args.path, args.steps, args.guidance,
-                                                    args.min_per_category)
+        acc, n, seconds, steps, guidance = accuracy(
+            kind, args.path, args.steps, args.guidance, args.min_per_category
+        )
         cells = " | ".join(f"{acc[c]:.3f} (n={n[c]})" for c in CATEGORIES)
-        print(f"| shapes-{kind} | {steps} | {guidance:g} | {acc['overall']:.3f} | {cells} |"
-              f"  <!-- {sum(n.values())} samples in {seconds:.0f} s -->")
+        print(
+            f"| shapes-{kind} | {steps} | {guidance:g} | {acc['overall']:.3f} | {cells} |"
+            f"  <!-- {sum(n.values())} samples in {seconds:.0f} s -->"
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--source", choices=["models", "library"], default="models")
-    parser.add_argument("--path", action="append", default=[],
-                        help="FAMILY=DIR: a saved model instead of the shipped weights")
+    parser.add_argument(
+        "--path", action="append", default=[], help="FAMILY=DIR: a saved model instead of the shipped weights"
+    )
     args = parser.parse_args()
     specs = make_prompts("heldout")[: args.prompts]
     if args.source == "library":
@@ -88,8 +89,7 @@ def main() -> None:
     paths = dict(p.split("=", 1) for p in args.path)
     for family in args.families:
         start = time.time()
-        images = model_images(family, paths.get(family), specs, args.samples, args.steps,
-                              args.guidance)
+        images = model_images(family, paths.get(family), specs, args.samples, args.steps, args.guidance)
         print(f"{family}: sampled {len(images)} images in {time.time() - start:.1f} s")
         report(family, images, specs)
 

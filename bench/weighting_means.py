@@ -16,8 +16,12 @@ from capo.models.shapes import KIND_DEFAULTS, ShapesFlow
 from capo.weighting import WEIGHTINGS, mean_weight
 
 #: SD 1.x / 2.x / SDXL scheduler config (shapes-vp uses the same table)
-SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-                "beta_start": 0.00085, "beta_end": 0.012}
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+}
 SCHEDULES = {
     "shapes-vp, SD 1.x/2.x, SDXL (scaled-linear VP, 1000 steps)": lambda: vp_schedule(SD_SCHEDULER)[0],
     "shapes-flow (shift 1)": lambda: ShapesFlow.make_schedule(KIND_DEFAULTS["flow"]["schedule"]),

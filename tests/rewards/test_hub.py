@@ -15,12 +15,13 @@ from capo.rewards.hub import HUB_REVISIONS, hub_kwargs, pinned_revisions, resolv
 
 
 def test_every_pin_is_a_full_commit_hash_of_a_default_repo():
-    from capo.rewards import clipscore, hpsv2, imagereward, laion_aesthetic, pickscore, vqascore
+    from capo.rewards import clipscore, hpsv2, imagereward, laion_aesthetic, pickscore, vqascore, vqascore_t5
 
     defaults = {
         pickscore.PICKSCORE_MODEL, pickscore.PICKSCORE_PROCESSOR, hpsv2.VIT_H_14, clipscore.CLIPSCORE_MODEL,
         laion_aesthetic.LAION_CLIP, imagereward.BERT_TOKENIZER, vqascore.VQASCORE_MODEL, "xswu/HPSv2",
-        "trl-lib/ddpo-aesthetic-predictor",
+        "trl-lib/ddpo-aesthetic-predictor", vqascore_t5.CLIP_FLANT5_TOKENIZER,
+        "openai/clip-vit-large-patch14-336",  # clip-flant5-xxl's mm_vision_tower
     }  # fmt: skip
     assert set(HUB_REVISIONS) <= defaults
     assert all(hub.COMMIT.fullmatch(commit) for commit in HUB_REVISIONS.values())

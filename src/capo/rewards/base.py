@@ -78,6 +78,7 @@ REWARDS: dict[str, str] = {
     "imagereward": "capo.rewards.imagereward:ImageReward",
     "mps": "capo.rewards.mps:MPS",
     "vqascore": "capo.rewards.vqascore:VQAScore",
+    "vqascore-clip-flant5": "capo.rewards.vqascore_t5:ClipFlanT5VQAScore",
 }
 
 _REGISTERED: dict[str, RewardFactory] = {}

@@ -35,6 +35,8 @@ HUB_REVISIONS: dict[str, str] = {
     "trl-lib/ddpo-aesthetic-predictor": "cf4bd10345610935a80a5d3be9a3133c50f121e4",
     "google-bert/bert-base-uncased": "86b5e0934494bd15c9632b12f734a8a67f723594",
     "llava-hf/llava-1.5-7b-hf": "b234b804b114d9e37bb655e11cbbb5f5e971b7a9",
+    "google/flan-t5-xxl": "ae7c9136adc7555eeccc78cdd960dfd60fb346ce",
+    "openai/clip-vit-large-patch14-336": "ce19dc912ca5cd21c8a653c79e251e808ccabcd1",
 }
 COMMIT = re.compile(r"[0-9a-f]{40}")
 _OVERRIDES: ContextVar[Mapping[str, str]] = ContextVar("capo_hub_overrides", default=MappingProxyType({}))
