@@ -19,8 +19,8 @@ import torch
 from capo.pipeline.generate import load_base
 from capo.pipeline.preference import REFERENCES, margin
 from capo.pipeline.rundir import RunDir
-from capo.pipeline.train import apply_trained
 from capo.pipeline.trainset import PairBatch, PairSet
+from capo.pipeline.tuned import apply_trained
 from capo.weighting import build
 
 

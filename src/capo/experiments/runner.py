@@ -49,6 +49,7 @@ from capo.pipeline.run import STAGE
 from capo.pipeline.rundir import RunDir, write_text_atomic
 from capo.pipeline.score import ScoreConfig
 from capo.pipeline.select import SelectConfig, select_pairs
+from capo.pipeline.tuned import trained_state_dict
 
 #: data-root files a cell links to (read-only inputs of select, train and evaluate)
 LINKS = ("prompts.parquet", "base_model.json", "samples", "embeddings", "rewards", "calibrated.parquet")
@@ -258,7 +259,6 @@ def write_soup(run: RunDir, members: list[Path], method: str) -> None:
 def task_vector(base: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     """τ = θ − θ₀ of a trained model/: a LoRA adapter's dense deltas (alpha / r)·BA, or a full
     denoiser's difference to the base, keyed by base weight names."""
-    from capo.pipeline.train import trained_state_dict
     from capo.soup import lora_delta
 
     weights = trained_state_dict(model_dir)

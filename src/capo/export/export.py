@@ -39,7 +39,7 @@ from capo.export.card import model_card
 from capo.models.base import DiffusionAdapter
 from capo.pipeline.generate import DTYPES, load_base
 from capo.pipeline.rundir import RunDir
-from capo.pipeline.train import FULL_FILE, LORA_FILE, apply_trained, trained_state_dict
+from capo.pipeline.tuned import FULL_FILE, LORA_FILE, apply_trained, trained_state_dict
 
 #: model family -> world: how its exports are written
 WORLDS: dict[str, str] = {"shapes-vp": "shapes", "shapes-flow": "shapes", "sd": "diffusers",

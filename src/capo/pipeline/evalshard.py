@@ -31,6 +31,7 @@ from capo.errors import CapoError
 from capo.pipeline.evaluate import GOLD, Evaluation
 from capo.pipeline.generate import png_bytes, process_state
 from capo.pipeline.rundir import RunDir, shard_files, shard_name, write_table_atomic
+from capo.pipeline.tuned import apply_trained
 
 GROUPS = ("base", "tuned")
 HIGHER = b"capo.higher_is_better"
@@ -104,8 +105,6 @@ def part_table(ev: Evaluation, sub: Evaluation, first: int, scores: Scores,
 
 def evaluate_mine(ev: Evaluation, tuned_dir: Path, where: Path) -> None:
     """Sample (base, then tuned) and score this rank's unfinished chunks; one part per chunk."""
-    from capo.pipeline.train import apply_trained
-
     state, subs = process_state(), chunks(ev)
     done = shard_files(where)
     mine = {c: sub for c, sub in enumerate(subs) if c % state.num_processes == state.process_index

@@ -38,6 +38,7 @@ from capo.pipeline.generate import DTYPES, check_device, load_base, resolve_devi
 from capo.pipeline.prompts import Prompt, balanced_plan, load_prompts, subset
 from capo.pipeline.rundir import RunDir, write_text_atomic
 from capo.pipeline.score import DEFAULT_REWARDS, ScoreConfig, check_reward_options, load_scorer
+from capo.pipeline.tuned import apply_trained
 from capo.rewards.base import RewardModel
 
 
@@ -144,8 +145,6 @@ class Evaluation:
         """The base model, with the trained weights in ``model_dir`` applied (None: the base itself)."""
         adapter = load_base(self.spec, resolve_device(self.cfg.device), self.cfg.dtype)
         if model_dir is not None:
-            from capo.pipeline.train import apply_trained
-
             apply_trained(adapter, model_dir).denoiser.eval()
         return adapter
 

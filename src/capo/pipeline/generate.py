@@ -34,6 +34,7 @@ from capo.pipeline.rundir import (
     shard_rows,
     write_table_atomic,
 )
+from capo.pipeline.tuned import apply_trained
 
 #: config dtype name -> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -238,8 +239,6 @@ def generate(run: RunDir, cfg: GenerateConfig) -> GenerateReport:
     if todo:
         adapter = load_base(spec, resolve_device(cfg.device, state), cfg.dtype)
         if cfg.tuned:  # the same adapter and sampler, with the current weights (online rounds)
-            from capo.pipeline.train import apply_trained
-
             apply_trained(adapter, cfg.tuned).denoiser.eval()
         total = sum(len(chunks[c]) for c in todo) * cfg.samples_per_prompt
         bar = tqdm(total=total, desc=f"generate [rank {state.process_index}]", unit="img",

@@ -25,22 +25,31 @@ import torch
 from accelerate import Accelerator, DistributedType
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from capo.config import add_arguments, build, doc
 from capo.errors import CapoError
 from capo.losses import LOSSES, TARGETS
-from capo.models.base import SHAPES_MARKER, DiffusionAdapter
+from capo.models.base import DiffusionAdapter
 from capo.pipeline.checkpoint import register_lora_hooks, resume, save_checkpoint
 from capo.pipeline.diagnostics import Diagnostics, step_values
 from capo.pipeline.generate import load_base
-from capo.pipeline.integrity import damage, write_manifest
+from capo.pipeline.integrity import write_manifest
 from capo.pipeline.preference import REFERENCES, FrozenReference, Reference, preference_step
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.trainset import PairBatch, PairSet, StepBatches, pair_loader
+from capo.pipeline.tuned import (  # noqa: F401 - apply_trained, trained_state_dict: imported from here too
+    FULL_FILE,
+    LIKELY_SETTINGS,
+    LORA_FILE,
+    apply_trained,
+    check_finite_weights,
+    load_weights,
+    trained_state_dict,
+    weights_file,
+)
 from capo.weighting import WEIGHTINGS, Weighting
 from capo.weighting import build as build_weighting
 
@@ -55,8 +64,6 @@ REFERENCE_MODELS = {"base": True, "init": False}
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
 #: mixed precision -> dtype of the frozen base weights under LoRA (trainable weights stay fp32)
 WEIGHT_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
-LORA_FILE, FULL_FILE = "adapter_model.safetensors", "denoiser.safetensors"
-SHAPES_WEIGHTS = "model.safetensors"  # beside capo_shapes.json in a saved shapes model
 
 
 @dataclass
@@ -193,7 +200,7 @@ def start_from(config: TrainConfig, denoiser: nn.Module) -> Reference:
     if config.init_model is None:
         return REFERENCES[config.lora](denoiser)
     before = REFERENCES[config.lora](denoiser) if REFERENCE_MODELS[config.reference] else None
-    weights = _weights_file(config.init_model)
+    weights = weights_file(config.init_model)
     if weights.name != (LORA_FILE if config.lora else FULL_FILE):
         raise CapoError(f"init_model holds {weights.name}, but this training has lora={config.lora}",
                         path=config.init_model)
@@ -242,7 +249,6 @@ def optimizer_step(tr: Trainer, step: int, batch: PairBatch | None = None) -> di
 
 
 #: settings that most often make a loss or gradient overflow, named in the error
-LIKELY_SETTINGS = "beta, learning_rate, sigmoid_bias, mixed_precision or the data (latents, embeddings)"
 
 
 def check_finite_step(step: int, metrics: dict[str, float]) -> None:
@@ -251,14 +257,6 @@ def check_finite_step(step: int, metrics: dict[str, float]) -> None:
         if not math.isfinite(metrics[key]):
             raise CapoError(f"train: step {step + 1}: {key} is {metrics[key]}; nothing was updated or "
                             f"saved at this step (check {LIKELY_SETTINGS})")
-
-
-def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
-    """Non-finite trained weights are never saved (nor loaded: apply_trained checks them too)."""
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise CapoError(f"tensor '{bad}' holds non-finite values (NaN or inf); the model is broken "
-                        f"(check {LIKELY_SETTINGS})", path=where)
 
 
 def save_model(tr: Trainer, summary: dict[str, Any]) -> None:
@@ -335,63 +333,6 @@ def _sort_targets(path: Path) -> None:
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def _apply_lora(denoiser: nn.Module, model_dir: Path) -> None:
-    denoiser.add_adapter(LoraConfig.from_pretrained(str(model_dir)))
-    device = str(next(denoiser.parameters()).device)
-    result = set_peft_model_state_dict(denoiser, load_weights(model_dir / LORA_FILE, device))
-    if getattr(result, "unexpected_keys", None):
-        raise CapoError(f"unexpected LoRA key '{result.unexpected_keys[0]}'", path=str(model_dir / LORA_FILE))
-
-
-def _apply_full(denoiser: nn.Module, model_dir: Path) -> None:
-    device = str(next(denoiser.parameters()).device)
-    denoiser.load_state_dict(load_weights(model_dir / FULL_FILE, device))
-
-
-def _apply_shapes(denoiser: nn.Module, model_dir: Path) -> None:
-    """A saved shapes model (``capo export --format merged`` of a shapes run): its ``unet.*`` tensors."""
-    device = str(next(denoiser.parameters()).device)
-    state = load_file(model_dir / SHAPES_WEIGHTS, device=device)
-    denoiser.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
-
-
-#: weights file in RUN/model (or a tuned model dir) -> how to load it into a fresh base denoiser
-APPLIERS = {LORA_FILE: _apply_lora, FULL_FILE: _apply_full, SHAPES_MARKER: _apply_shapes}
-
-
-def _weights_file(model_dir: str | os.PathLike) -> Path:
-    """The weights file of a trained model directory, verified against its manifest."""
-    found = [Path(model_dir) / n for n in APPLIERS if (Path(model_dir) / n).is_file()]
-    if not found:
-        raise CapoError(f"no {LORA_FILE} or {FULL_FILE}; run `capo train` first", path=str(model_dir))
-    problem = damage(Path(model_dir))
-    if problem is not None:
-        raise CapoError(f"damaged ({problem}); remove it and rerun `capo train`", path=str(model_dir))
-    return found[0]
-
-
-def load_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A safetensors file as tensors; an unreadable or non-finite file is a one-line error."""
-    try:
-        state = load_file(path, device=device)
-    except (OSError, SafetensorError) as e:
-        raise CapoError(f"unreadable safetensors file ({str(e)[:160]})", path=str(path)) from None
-    check_finite_weights(state, str(path))
-    return state
-
-
-def apply_trained(adapter: DiffusionAdapter, model_dir: str | os.PathLike) -> DiffusionAdapter:
-    """Load RUN/model (LoRA adapter or full denoiser) into a freshly loaded base ``adapter``."""
-    weights = _weights_file(model_dir)
-    APPLIERS[weights.name](adapter.denoiser, weights.parent)
-    return adapter
-
-
-def trained_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The saved tensors of RUN/model: peft LoRA keys (lora_A / lora_B) or the full denoiser."""
-    return load_weights(_weights_file(model_dir))
 
 
 def register(subparsers: Any) -> None:
