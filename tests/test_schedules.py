@@ -176,3 +176,13 @@ def test_flow_alpha_sigma_are_the_interpolation(u, shift):
     alpha, sigma, _, _ = FlowSchedule(shift)(torch.tensor([u], dtype=D))
     assert alpha.item() + sigma.item() == pytest.approx(1.0)
     assert 0.0 <= sigma.item() <= 1.0
+
+
+@pytest.mark.parametrize("sched", [VPSchedule.from_alphas_cumprod([0.8, 0.5, 0.2, 0.1]),
+                                   FlowSchedule(shift=3.0)], ids=["vp", "flow"])
+def test_output_fields_are_named(sched):
+    # Noise(alpha, sigma, lam, dlam): the fields are the tuple's entries, and λ = log(α² / σ²)
+    t = torch.tensor([0.3, 0.6])
+    noise = sched(t)
+    assert tuple(noise) == (noise.alpha, noise.sigma, noise.lam, noise.dlam)
+    torch.testing.assert_close(noise.lam, torch.log(noise.alpha**2 / noise.sigma**2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -18,13 +18,23 @@ from torch import Tensor
 from capo.errors import CapoError
 
 
+class Noise(NamedTuple):
+    """A schedule at times t [B] (docs/design.md §2.1): x_t = α_t x + σ_t ε, λ_t = log(α_t² / σ_t²),
+    λ'_t = dλ_t/dt; each [B]."""
+
+    alpha: Tensor
+    sigma: Tensor
+    lam: Tensor
+    dlam: Tensor
+
+
 class Schedule(Protocol):
     """What the weighting and the trainer need from a schedule."""
 
     t_min: float
     t_max: float
 
-    def __call__(self, t: Tensor) -> tuple[Tensor, ...]: ...
+    def __call__(self, t: Tensor) -> Noise: ...
 
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor: ...
 
@@ -85,12 +95,12 @@ class VPSchedule:
         T = self.num_train_timesteps
         return torch.round(t.to(_wide(t.device)) * T).long().clamp(0, T - 1)
 
-    def __call__(self, t: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, t: Tensor) -> Noise:
         """(α_t, σ_t, λ_t, λ'_t), each [B], read from the table at index round(t · T)."""
         if t.device not in self._on:
             self._on[t.device] = self._table.to(t.device, _wide(t.device))
         rows = self._on[t.device][:, self.timestep_index(t)].to(_out_dtype(t))
-        return tuple(rows.unbind(0))
+        return Noise(*rows.unbind(0))
 
     def sample_t(self, n: int, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
@@ -134,7 +144,7 @@ class FlowSchedule:
         k = self.shift
         return k * u / (1 + (k - 1) * u)
 
-    def __call__(self, t: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, t: Tensor) -> Noise:
         """(α, σ, λ, λ'_u), each [B], for u = t of shape [B]."""
         u, k = t.to(_wide(t.device)), self.shift
         s = self.sigma_of(u)
@@ -142,7 +152,7 @@ class FlowSchedule:
         dlam_ds = -2 / (s * (1 - s))
         ds_du = k / (1 + (k - 1) * u) ** 2
         out = (1 - s, s, lam, dlam_ds * ds_du)
-        return tuple(v.to(_out_dtype(t)) for v in out)
+        return Noise(*(v.to(_out_dtype(t)) for v in out))
 
     def sample_t(self, n: int, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> Tensor:
@@ -218,14 +228,15 @@ def _lookup(table: dict, prediction_type: str) -> Callable[..., Tensor]:
 
 def add_noise(x: Tensor, eps: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
     """x_t = α_t x + σ_t ε (docs/design.md §2.1); x, ε [B, ...], t [B] -> x_t [B, ...]."""
-    alpha, sigma, _, _ = schedule(t)
-    return _bcast(alpha, x) * x + _bcast(sigma, x) * eps
+    noise = schedule(t)
+    return _bcast(noise.alpha, x) * x + _bcast(noise.sigma, x) * eps
 
 
 def to_epsilon(output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str,
                schedule: Schedule) -> Tensor:
     """ε̂ from a raw model output (docs/design.md §2.2): output, x_t [B, ...], t [B] -> ε̂ [B, ...]."""
-    alpha, sigma, _, _ = schedule(t)
+    noise = schedule(t)
+    alpha, sigma = noise.alpha, noise.sigma
     fn = _lookup(PREDICTIONS, prediction_type)
     return fn(output, x_t, _bcast(alpha, x_t), _bcast(sigma, x_t))
 
@@ -233,7 +244,8 @@ def to_epsilon(output: Tensor, x_t: Tensor, t: Tensor, prediction_type: str,
 def target_of(x: Tensor, eps: Tensor, t: Tensor, prediction_type: str,
               schedule: Schedule) -> Tensor:
     """The output a perfect model gives for data x and noise ε: ε, v = α ε − σ x or u = ε − x."""
-    alpha, sigma, _, _ = schedule(t)
+    noise = schedule(t)
+    alpha, sigma = noise.alpha, noise.sigma
     fn = _lookup(TARGETS, prediction_type)
     return fn(x, eps, _bcast(alpha, x), _bcast(sigma, x))
 

@@ -37,8 +37,8 @@ def sigmoid(bias: float = 1.5) -> Weighting:
     """f(t) = −λ'_t · σ(−λ_t + b) (Sec. 4.4; b = 1.5 is best for SDXL, Table 5); [B] -> [B]."""
 
     def f(schedule: Schedule, t: Tensor) -> Tensor:
-        _, _, lam, dlam = schedule(_inside(schedule, t))
-        return -dlam * torch.sigmoid(-lam + bias)
+        noise = schedule(_inside(schedule, t))
+        return -noise.dlam * torch.sigmoid(-noise.lam + bias)
 
     return f
 

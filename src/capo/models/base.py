@@ -2,7 +2,7 @@
 
 Time convention: ``t`` is a float tensor in (0, 1), the variable sampled uniformly in training.
 VP families map it to the discrete index ``round(t * num_train_timesteps)``; flow families map it
-through the timestep shift to s = sigma. ``adapter.schedule(t)`` gives (alpha, sigma, lam, dlam_dt)
+through the timestep shift to s = sigma. ``adapter.schedule(t)`` gives a ``Noise`` (alpha, sigma, lam, dlam)
 for the same t, and ``adapter.prediction_type`` in {"epsilon", "v_prediction", "flow"} says how
 ``denoise`` outputs convert to epsilon (capo.schedules.to_epsilon).
 """

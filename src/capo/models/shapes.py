@@ -212,11 +212,12 @@ class ShapesVP(ShapesAdapter):
     def step(self, x: torch.Tensor, out: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         """DDIM, η = 0 (Song et al. 2021, Eq. 12): x̂0 = clip((x_t − σ_t ε̂) / α_t),
         x_{t'} = α_{t'} x̂0 + σ_{t'} ε̂, with (α, σ) = (1, 0) at t' = 0 (the clean sample)."""
-        alpha, sigma = (float(v) for v in self.schedule(torch.tensor([t], dtype=torch.float64))[:2])
+        now = self.schedule(torch.tensor([t], dtype=torch.float64))
+        alpha, sigma = float(now.alpha), float(now.sigma)
         alpha_next, sigma_next = 1.0, 0.0
         if t_next > 0:
             nxt = self.schedule(torch.tensor([t_next], dtype=torch.float64))
-            alpha_next, sigma_next = float(nxt[0]), float(nxt[1])
+            alpha_next, sigma_next = float(nxt.alpha), float(nxt.sigma)
         x0 = ((x - sigma * out) / alpha).clamp(-1, 1)
         return alpha_next * x0 + sigma_next * out
 

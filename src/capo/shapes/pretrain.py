@@ -122,7 +122,7 @@ def min_snr_weight(schedule: Any, t: torch.Tensor, gamma: float) -> torch.Tensor
     """w = min(SNR_t, γ) / SNR_t with SNR_t = exp(λ_t) (min-SNR-γ for ε-prediction); γ = 0: w = 1."""
     if gamma <= 0:
         return torch.ones_like(t)
-    snr = torch.exp(schedule(t)[2]).float()
+    snr = torch.exp(schedule(t).lam).float()
     return torch.clamp(snr, max=gamma) / snr
 
 
