@@ -8,7 +8,7 @@ For each base model, samples ``--samples`` images of each of the first ``--promp
 prompts (seeds 0..S-1 per prompt), scores them with shapes-alignment, shapes-aesthetic and
 shapes-preference, checks them with the gold checker, and prints the Spearman matrix (scipy)
 of (alignment, aesthetic, preference, gold) plus GenEval-style gold accuracy per category.
-``--source library`` uses the synthetic library of ``capo.shapes.train_preference.make_variant``
+``--source library`` uses the synthetic library of ``capo.recipes.train_preference.make_variant``
 (correct, wrong and degraded renders) instead of a model.
 """
 
@@ -43,7 +43,7 @@ def model_images(family: str, path, specs, samples: int, steps, guidance) -> lis
 def library_images(specs, samples: int) -> list:
     from PIL import Image
 
-    from capo.shapes.train_preference import make_variant
+    from capo.recipes.train_preference import make_variant
 
     rng = np.random.default_rng(0)
     return [Image.fromarray(make_variant(s, rng)) for s in specs for _ in range(samples)]

@@ -21,7 +21,7 @@ COMMANDS: dict[str, str] = {
     "experiment": "capo.experiments.runner:register",
     "sweep": "capo.experiments.sweep:register",
     "report": "capo.report.html:register",
-    "shapes": "capo.shapes.pretrain:register",
+    "shapes": "capo.recipes.pretrain_shapes:register",
     "export": "capo.export:register",
 }
 

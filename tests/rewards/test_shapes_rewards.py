@@ -11,11 +11,11 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 
 from capo.errors import CapoError
+from capo.recipes.train_preference import PreferenceTrainConfig, make_variant, train
 from capo.rewards import shapes as R
 from capo.rewards.base import load_reward
 from capo.shapes import checker as C
 from capo.shapes import world as W
-from capo.shapes.train_preference import PreferenceTrainConfig, make_variant, train
 
 HELD = W.make_prompts("heldout")
 
@@ -136,7 +136,7 @@ def test_bad_prompts_and_missing_weights_are_errors(rewards, tmp_path):
 def test_shipped_preference_weights_load_and_rank(rewards):
     folder = R.WEIGHTS_DIR
     config = json.loads((folder / "config.json").read_text())
-    assert "python -m capo.shapes.train_preference" in (folder / "README.txt").read_text()
+    assert "python -m capo.recipes.train_preference" in (folder / "README.txt").read_text()
     assert config["figures"]["heldout_pair_accuracy"] >= 0.75
     assert (folder / "model.safetensors").stat().st_size < 1_000_000
     rng = np.random.default_rng(5)
@@ -151,7 +151,7 @@ def test_shipped_preference_weights_load_and_rank(rewards):
 def test_training_script_round_trip(tmp_path):
     cfg = PreferenceTrainConfig(out=str(tmp_path), train_groups=6, heldout_groups=3, steps=3,
                                 batch_pairs=8)
-    figures = train(cfg, command="python -m capo.shapes.train_preference --steps 3")
+    figures = train(cfg, command="python -m capo.recipes.train_preference --steps 3")
     assert figures["heldout_pairs"] == 3 * 15
     reward = load_reward("shapes-preference", weights_path=str(tmp_path))
     scores = reward.score(_pil(np.zeros((2, 32, 32, 3), np.uint8)), ["a circle", "a square"])

@@ -15,7 +15,7 @@ shapes-aesthetic (VILA-like, prompt-blind): raw = 0.25 crisp + 0.2 clean + 0.1 p
   centred objects, so it pulls against counting and position prompts. BT logit 10 * raw
   (temperature 0.1).
 shapes-preference (MPS-like): ``PreferenceNet``, a small prompt-conditioned CNN trained
-  Bradley-Terry by ``python -m capo.shapes.train_preference`` on synthetic pairs; its output is
+  Bradley-Terry by ``python -m capo.recipes.train_preference`` on synthetic pairs; its output is
   already a BT logit (bt_scale 1). Weights ship in ``capo/shapes/weights/preference``.
 """
 

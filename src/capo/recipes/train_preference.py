@@ -16,7 +16,7 @@ keeps every prompt's scores centred on 0 so they compare across prompts); Adam w
 learning-rate decay. Writes ``model.safetensors``, ``config.json`` and ``README.txt``
 (the exact command and the held-out figures) into ``out``.
 
-    python -m capo.shapes.train_preference --out src/capo/shapes/weights/preference
+    python -m capo.recipes.train_preference --out src/capo/shapes/weights/preference
 """
 
 from __future__ import annotations
@@ -207,20 +207,20 @@ def save(net: PreferenceNet, arch: dict, cfg: PreferenceTrainConfig, figures: di
     (out / "README.txt").write_text(
         "shapes-preference reward weights (capo.rewards.shapes.ShapesPreference).\n"
         f"Produced by (from the repository root):\n\n    {command.strip()}\n\n"
-        "Training recipe: see the docstring of capo/shapes/train_preference.py.\n"
+        "Training recipe: see the docstring of capo/recipes/train_preference.py.\n"
         f"Held-out figures: {json.dumps(figures)}\n"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capo.shapes.train_preference",
+    parser = argparse.ArgumentParser(prog="python -m capo.recipes.train_preference",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML file of PreferenceTrainConfig keys")
     add_arguments(parser, PreferenceTrainConfig)
     args = parser.parse_args(argv)
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        command = " ".join(["python -m capo.shapes.train_preference", *argv])
+        command = " ".join(["python -m capo.recipes.train_preference", *argv])
         figures = train(build(PreferenceTrainConfig, args, args.config), command)
     except CapoError as e:
         print(f"train_preference: error: {e}", file=sys.stderr)

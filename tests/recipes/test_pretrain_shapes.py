@@ -11,8 +11,7 @@ import torch
 from capo.cli import main
 from capo.config import from_dict
 from capo.models.shapes import build_shapes_model, load_shapes_flow
-from capo.schedules import FlowSchedule, target_of
-from capo.shapes.pretrain import (
+from capo.recipes.pretrain_shapes import (
     EMA,
     PretrainConfig,
     command_of,
@@ -21,6 +20,7 @@ from capo.shapes.pretrain import (
     lr_factor,
     min_snr_weight,
 )
+from capo.schedules import FlowSchedule, target_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
