@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from capo.config import to_dict
-from capo.pipeline.evaluate import GOLD, EvaluateConfig, Evaluation
+from capo.pipeline.evaluate import EvaluateConfig
+from capo.pipeline.evaluation import GOLD, Evaluation
 from capo.pipeline.generate import png_bytes
 from capo.pipeline.rundir import RunDir, write_table_atomic, write_text_atomic
 

@@ -334,7 +334,7 @@ def run_experiment(cfg: ExperimentConfig, stages: Stages, only: list[str] | None
 def workload(cfg: ExperimentConfig, stages: Stages, plan: Plan) -> dict[str, int]:
     """What the plan costs, in the units that take the time: images sampled for training data and
     for evaluation (base model once per model, every kept step of every cell), training steps."""
-    from capo.pipeline.evaluate import eval_items
+    from capo.pipeline.evaluation import eval_items
     from capo.pipeline.prompts import load_prompts, subset
 
     count = lambda c: len(subset(load_prompts(c.prompts), c.num_prompts, c.seed))  # noqa: E731

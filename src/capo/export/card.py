@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import ModelCardData
 
 from capo.errors import CapoError
-from capo.pipeline.evaluate import results_markdown
+from capo.pipeline.evaluation import results_markdown
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.score import read_reward_meta
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from capo.config import to_dict
 from capo.errors import CapoError
-from capo.pipeline.evaluate import GOLD, Evaluation
+from capo.pipeline.evaluation import GOLD, Evaluation
 from capo.pipeline.generate import png_bytes, process_state
 from capo.pipeline.rundir import RunDir, shard_files, shard_name, write_table_atomic
 from capo.pipeline.tuned import apply_trained

@@ -30,7 +30,8 @@ import yaml
 from capo.config import doc, from_dict, identity_keys, load_yaml, to_dict
 from capo.errors import CapoError
 from capo.pipeline.calibrate import CalibrateConfig, calibrate_run
-from capo.pipeline.evaluate import EvaluateConfig, evaluate, results_markdown
+from capo.pipeline.evaluate import EvaluateConfig, evaluate
+from capo.pipeline.evaluation import results_markdown
 from capo.pipeline.generate import GenerateConfig, generate, process_state
 from capo.pipeline.prompts import load_prompts, subset
 from capo.pipeline.rounds import base_round, round_evaluate_config, run_rounds

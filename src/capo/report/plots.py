@@ -185,7 +185,7 @@ def category_grids(images_parquet: Path, out_dir: Path, prefix: str, per_categor
                    ) -> list[tuple[str, str]]:
     """One grid per prompt category (row 1 base, row 2 tuned, the same initial noise per column,
     first seed) from an evaluation's images.parquet; returns [(category, file name)]."""
-    from capo.pipeline.evaluate import image_grid
+    from capo.pipeline.evaluation import image_grid
 
     t = pq.read_table(images_parquet).to_pydict()
     by_cat: dict[str, list[int]] = {}
