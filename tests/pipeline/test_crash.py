@@ -37,7 +37,7 @@ SKIP_DIRS = ("logs", "checkpoints", "trainset")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    """The tiny model, the config file and an uninterrupted run (with its duration)."""
+    """The tiny model, the config file and an uninterrupted run."""
     from capo.models.shapes import build_shapes_model
 
     root = tmp_path_factory.mktemp("crash")
@@ -46,10 +46,9 @@ def setup(tmp_path_factory) -> dict:
     generate = {**CONFIG["generate"], "model": str(root / "tiny")}
     config = {**CONFIG, "run": str(root / "unused"), "generate": generate}
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
-    began = time.time()
     proc = capo_run(root / "tiny.yaml", root / "whole")
     assert proc.wait(timeout=900) == 0, log(root / "whole")
-    return {"config": root / "tiny.yaml", "whole": root / "whole", "seconds": time.time() - began}
+    return {"config": root / "tiny.yaml", "whole": root / "whole"}
 
 
 def capo_run(config: Path, run: Path) -> subprocess.Popen:
@@ -71,25 +70,37 @@ def outputs(run: Path) -> dict[str, str]:
             and p.relative_to(run).parts[0] not in SKIP_DIRS and p.name != ".capo.lock"}
 
 
-def _files(pattern: str, n: int) -> Callable[[Path], bool]:
-    return lambda run: len(list(run.glob(pattern))) >= n
+def _files(pattern: str, n: int) -> Callable[[Path, Path], bool]:
+    return lambda run, whole: len(list(run.glob(pattern))) >= n
 
 
-#: where to kill: when the marker holds (inside a stage), or after a seeded fraction of the run
-KILLS: dict[str, Callable[[Path], bool] | float] = {
+class Progress:
+    """Holds once the run has written ``fraction`` of the files an uninterrupted run ends with
+    (distinct paths seen so far, temporary files included): a seeded point of the whole run,
+    whatever the machine's speed."""
+
+    def __init__(self, fraction: float):
+        self.fraction, self.seen = fraction, set()
+
+    def __call__(self, run: Path, whole: Path) -> bool:
+        self.seen |= {str(p) for p in run.rglob("*") if p.is_file()}
+        return len(self.seen) >= max(1, int(self.fraction * sum(p.is_file() for p in whole.rglob("*"))))
+
+
+#: where to kill: when the marker holds (inside a stage, or at a seeded point of the whole run)
+KILLS: dict[str, Callable[[Path, Path], bool]] = {
     "generate": _files("samples/part-*.parquet", 2),
     "score": _files("rewards/*.parts/part-*.parquet", 2),
     "train": _files("checkpoints/step-2/position.json", 1),
-    "run-seed-0": random.Random(0).uniform(0.2, 0.95),
-    "run-seed-1": random.Random(1).uniform(0.2, 0.95),
+    "run-seed-0": Progress(random.Random(0).uniform(0.1, 0.9)),
+    "run-seed-1": Progress(random.Random(1).uniform(0.1, 0.9)),
 }
 
 
-def kill_when(proc: subprocess.Popen, run: Path, when: Callable[[Path], bool] | float, total: float) -> bool:
-    """SIGKILL ``proc`` when ``when(run)`` holds (or after ``when * total`` seconds); whether it was
-    still running then."""
-    deadline = time.time() + (when * total if isinstance(when, float) else 900)
-    while proc.poll() is None and time.time() < deadline and (isinstance(when, float) or not when(run)):
+def kill_when(proc: subprocess.Popen, run: Path, when: Callable[[Path, Path], bool], whole: Path) -> bool:
+    """SIGKILL ``proc`` when ``when(run, whole)`` holds; whether it was still running then."""
+    deadline = time.time() + 900
+    while proc.poll() is None and time.time() < deadline and not when(run, whole):
         time.sleep(0.01)
     running = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
@@ -101,7 +112,7 @@ def kill_when(proc: subprocess.Popen, run: Path, when: Callable[[Path], bool] | 
 def test_kill_9_then_rerun_equals_uninterrupted(kind, setup, tmp_path, capsys):
     run = tmp_path / "killed"
     proc = capo_run(setup["config"], run)
-    assert kill_when(proc, run, KILLS[kind], setup["seconds"]), f"{kind}: the run ended before the kill"
+    assert kill_when(proc, run, KILLS[kind], setup["whole"]), f"{kind}: the run ended before the kill"
     again = capo_run(setup["config"], run)
     assert again.wait(timeout=900) == 0, log(run)
     assert outputs(run) == outputs(setup["whole"])
