@@ -135,3 +135,17 @@ def test_table_round_trip():
     ps = load_prompts("shapes:heldout")[:5]
     back = from_table(prompts_table(ps))
     assert back == ps
+
+
+def test_gold_checker_is_the_worlds_for_its_prompts():
+    # the shapes world's checker reads images of shapes prompts: a blank image shows no object
+    from PIL import Image
+
+    from capo.pipeline.prompts import Prompt, gold_checker, load_prompts
+
+    shapes = load_prompts("shapes:test")[:3]
+    check = gold_checker("shapes", shapes)
+    assert check is not None
+    assert check([Image.new("RGB", (32, 32), "white")] * 3).tolist() == [0.0, 0.0, 0.0]
+    assert gold_checker("shapes", [Prompt("x", "a photo of a cat")]) is None  # not its grammar
+    assert gold_checker(None, shapes) is None and gold_checker("sd", shapes) is None

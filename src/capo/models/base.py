@@ -86,6 +86,10 @@ MODELS: dict[str, str] = {
     "flux": "capo.models.flux:load_flux",
 }
 
+#: family -> the world its images belong to, whose prompt sets may carry a gold metric
+#: (``capo.pipeline.prompts.GOLD_CHECKERS``); families not listed have none
+WORLDS: dict[str, str] = {"shapes-vp": "shapes", "shapes-flow": "shapes"}
+
 
 #: diffusers pipeline class (model_index.json "_class_name") -> family
 PIPELINE_FAMILIES: dict[str, str] = {

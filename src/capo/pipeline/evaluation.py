@@ -29,10 +29,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from capo import stats
-from capo.errors import CapoError
-from capo.models.base import DiffusionAdapter
+from capo.models.base import WORLDS, DiffusionAdapter
 from capo.pipeline.generate import load_base, resolve_device, sample_seed
-from capo.pipeline.prompts import Prompt, balanced_plan, load_prompts, subset
+from capo.pipeline.prompts import Prompt, balanced_plan, gold_checker, load_prompts, subset
 from capo.pipeline.rundir import RunDir, write_text_atomic
 from capo.pipeline.score import ScoreConfig, load_scorer
 from capo.pipeline.tuned import apply_trained
@@ -151,17 +150,10 @@ class Evaluation:
         return out
 
     def gold(self, images: list[Image.Image]) -> np.ndarray | None:
-        """Gold checker verdicts [N] (1.0 correct) for shapes models and shapes prompts, else None."""
-        if not self.spec["family"].startswith("shapes-"):
-            return None
-        from capo.shapes.checker import check_all
-        from capo.shapes.world import parse_prompt
-
-        try:
-            specs = [parse_prompt(p.prompt) for p, _ in self.items]
-        except CapoError:
-            return None
-        return check_all(images, specs).astype(np.float64)
+        """Gold verdicts [N] (1.0 correct) when the model's world has a gold metric for these prompts
+        (``prompts.gold_checker``: the shapes checker for shapes models and prompts), else None."""
+        check = gold_checker(WORLDS.get(self.spec["family"]), [p for p, _ in self.items])
+        return None if check is None else check(images)
 
     def results(self, base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> dict[str, Any]:
         """results.json: per reward the win-rate (%) of tuned over base with its bootstrap 95%

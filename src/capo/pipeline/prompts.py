@@ -15,11 +15,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -113,6 +114,32 @@ def _shapes_set(split: str) -> Callable[[], list[Prompt]]:
         return [Prompt(s.prompt_id, s.text, s.category, split) for s in make_prompts(split)]
 
     return load
+
+
+#: images [N] -> gold verdicts [N] (1.0 = correct), for one image per prompt given
+GoldCheck = Callable[[Sequence[Any]], np.ndarray]
+
+
+def _shapes_gold(prompts: list[Prompt]) -> GoldCheck | None:
+    """The shapes world's exact checker for prompts of its grammar (None if one does not parse)."""
+    from capo.shapes.checker import check_all
+    from capo.shapes.world import parse_prompt
+
+    try:
+        specs = [parse_prompt(p.prompt) for p in prompts]
+    except CapoError:
+        return None
+    return lambda images: check_all(images, specs).astype(np.float64)
+
+
+#: world -> its gold metric: prompts [N] -> the checker of images of those prompts, or None when the
+#: prompts are not of the world's grammar (the world of a model: capo.models.base.WORLDS)
+GOLD_CHECKERS: dict[str, Callable[[list[Prompt]], GoldCheck | None]] = {"shapes": _shapes_gold}
+
+
+def gold_checker(world: str | None, prompts: list[Prompt]) -> GoldCheck | None:
+    """The gold metric of ``world`` (a model's, capo.models.base.WORLDS) for ``prompts``, if any."""
+    return GOLD_CHECKERS[world](prompts) if world in GOLD_CHECKERS else None
 
 
 #: built-in prompt sets
