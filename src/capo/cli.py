@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "report": "capo.report.html:register",
     "shapes": "capo.recipes.pretrain_shapes:register",
     "export": "capo.export:register",
+    "fit-bt": "capo.rewards.fit_bt:register",
 }
 
 #: commands that write RUN and so hold its lock while they run
