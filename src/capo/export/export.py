@@ -34,10 +34,11 @@ from peft import get_peft_model_state_dict
 from safetensors import SafetensorError
 
 from capo.config import add_arguments, build, doc
+from capo.devices import DTYPES
 from capo.errors import CapoError
 from capo.export.card import model_card
 from capo.models.base import DiffusionAdapter
-from capo.pipeline.generate import DTYPES, load_base
+from capo.pipeline.generate import load_base
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.tuned import FULL_FILE, LORA_FILE, apply_trained, trained_state_dict
 

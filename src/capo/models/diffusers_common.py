@@ -23,6 +23,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from capo.devices import resolve_device, resolve_dtype
 from capo.errors import CapoError
 from capo.models.base import DiffusionAdapter, SampleOutput
 from capo.schedules import FlowSchedule, VPSchedule
@@ -33,14 +34,6 @@ try:  # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the ol
     DTYPE_KW = "dtype"
 except ImportError:  # older diffusers
     DTYPE_KW = "torch_dtype"
-
-#: dtype names accepted by the ``dtype`` option
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "torch.float32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "torch.float16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "torch.bfloat16": torch.bfloat16,
-}
-
 
 def _flow_dpm(config: dict) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (2nd order) on flow sigmas s = k u / (1 + (k − 1) u), k = the config's shift."""
@@ -90,24 +83,6 @@ class LoadOptions:
             raise CapoError(f"model '{family}': unknown scheduler '{parsed.scheduler}' "
                             f"(available: {', '.join(sorted(SCHEDULERS))})")
         return parsed
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device option: None -> cuda when available, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The dtype option: a torch dtype or a DTYPES name; None -> bf16 on cuda, fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise CapoError(f"unknown dtype '{dtype}' (available: {', '.join(sorted(DTYPES))})")
-    return DTYPES[dtype]
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:

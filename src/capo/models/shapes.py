@@ -26,9 +26,10 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from capo.devices import resolve_device, resolve_dtype
 from capo.errors import CapoError
 from capo.models.base import SHAPES_MARKER, DiffusionAdapter, SampleOutput
-from capo.models.diffusers_common import initial_noise, resolve_device, resolve_dtype
+from capo.models.diffusers_common import initial_noise
 from capo.schedules import FlowSchedule, VPSchedule
 from capo.shapes import nets
 

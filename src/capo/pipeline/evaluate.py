@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from capo.config import doc
+from capo.devices import DTYPES
 from capo.errors import CapoError
 from capo.pipeline.evalshard import evaluate_sharded
 from capo.pipeline.evaluation import (  # noqa: F401 - the evaluator's names, imported from here too
@@ -26,7 +27,7 @@ from capo.pipeline.evaluation import (  # noqa: F401 - the evaluator's names, im
     items_of,
     results_markdown,
 )
-from capo.pipeline.generate import DTYPES, check_device
+from capo.pipeline.generate import check_device
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.score import DEFAULT_REWARDS, check_reward_options
 

@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from capo import devices
 from capo.config import doc, quote, to_dict
+from capo.devices import DTYPES
 from capo.errors import CapoError
 from capo.models.base import MODELS, DiffusionAdapter, detect_family, load_model
 from capo.pipeline.prompts import Prompt, load_prompts, prompts_table, subset
@@ -35,11 +37,6 @@ from capo.pipeline.rundir import (
     write_table_atomic,
 )
 from capo.pipeline.tuned import apply_trained
-
-#: config dtype name -> torch dtype
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-}
 
 #: keys whose change makes existing samples incompatible with a rerun
 SAMPLE_KEYS = ("model", "family", "model_options", "prompts", "num_prompts", "samples_per_prompt", "steps",
@@ -129,7 +126,7 @@ def resolve_device(device: str, state: Any | None = None) -> torch.device:
     """``auto`` -> this process's accelerate device; otherwise the named device."""
     if device == "auto":
         return (state or process_state()).device
-    return torch.device(device)
+    return devices.resolve_device(device)
 
 
 def model_spec(model: str, family: str | None, options: dict[str, Any] | None = None) -> dict[str, Any]:

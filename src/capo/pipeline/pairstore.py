@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as st_load
 
+from capo.devices import DTYPES
 from capo.errors import CapoError
 from capo.pipeline.integrity import check_parquet
-from capo.pipeline.rundir import TORCH_DTYPES, RunDir, shard_files
+from capo.pipeline.rundir import RunDir, shard_files
 
 STORE_DIR, LATENTS_FILE, EMBEDDINGS_FILE = "trainset", "latents.arrow", "embeddings.arrow"
 #: rows per Arrow record batch written (bounds the memory held while re-packing)
@@ -40,7 +41,7 @@ WRITE_ROWS = 64
 #: schema metadata keys: the fingerprint of the sources and {column: {shape, dtype}}
 SOURCE, TENSORS = b"capo.source", b"capo.tensors"
 #: dtype name (as stored) -> torch dtype: the latent dtypes and those an embedding may have
-STORE_DTYPES: dict[str, torch.dtype] = {**TORCH_DTYPES, "int64": torch.int64, "int32": torch.int32,
+STORE_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int64": torch.int64, "int32": torch.int32,
                                         "bool": torch.bool}
 
 
@@ -185,7 +186,7 @@ def build_latents(run: RunDir, path: Path, prompt_ids: pa.Array, wanted: np.ndar
         rows = batch.take(pa.array(take))
         shape, dtype = rows.column("latent_shape")[0].as_py(), rows.column("latent_dtype")[0].as_py()
         raw = rows.column("latent")
-        width = int(np.prod(shape)) * torch.tensor([], dtype=TORCH_DTYPES[dtype]).element_size()
+        width = int(np.prod(shape)) * torch.tensor([], dtype=DTYPES[dtype]).element_size()
         if set(rows.column("latent_dtype").to_pylist()) != {dtype} or \
                 any(s != shape for s in rows.column("latent_shape").to_pylist()) or \
                 set(pc.binary_length(raw).to_pylist()) != {width}:

@@ -37,6 +37,7 @@ import yaml
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from capo.devices import DTYPES
 from capo.errors import CapoError
 
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{5})\.parquet$")
@@ -71,14 +72,6 @@ PAIRS_SCHEMA = pa.schema(
         ("rule", pa.string()),
     ]
 )
-
-#: latent dtype name (as stored) -> torch dtype
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
 
 def shard_name(rank: int, chunk: int) -> str:
     """File name of the shard that ``rank`` wrote for global prompt chunk ``chunk``."""
@@ -146,7 +139,7 @@ def read_parquet(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
 
 def encode_latents(latents: torch.Tensor) -> tuple[list[bytes], list[int], str]:
     """[B, C, H, W] tensor -> (per-row C-order raw bytes, shape [C, H, W], dtype name)."""
-    dtype = next(k for k, v in TORCH_DTYPES.items() if v == latents.dtype)
+    dtype = next(k for k, v in DTYPES.items() if v == latents.dtype)
     lat = latents.detach().cpu().contiguous()
     raw = lat.view(torch.int16) if lat.dtype == torch.bfloat16 else lat
     arr = raw.numpy()
@@ -155,7 +148,7 @@ def encode_latents(latents: torch.Tensor) -> tuple[list[bytes], list[int], str]:
 
 def decode_latent(raw: bytes, shape: Sequence[int], dtype: str) -> torch.Tensor:
     """Inverse of ``encode_latents`` for one row: raw bytes -> tensor of ``shape``."""
-    tdtype = TORCH_DTYPES[dtype]
+    tdtype = DTYPES[dtype]
     buf = torch.frombuffer(bytearray(raw), dtype=torch.int16 if tdtype == torch.bfloat16 else tdtype)
     return buf.view(tdtype).reshape(tuple(shape)).clone()
 

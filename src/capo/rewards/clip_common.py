@@ -24,37 +24,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from capo.devices import resolve_device, resolve_dtype  # noqa: F401 - the rewards import them from here
 from capo.errors import CapoError
 from capo.rewards.hub import hub_kwargs, revision_for
 from capo.rewards.preprocess import ClipPreprocess
 
 HF_SCHEME = "hf://"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from a name in ``DTYPES`` or a dtype (rewards default to float32)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CapoError(f"unknown dtype '{dtype}' (known: {', '.join(DTYPES)})")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The given device, else CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def hub_download(repo_id: str, filename: str) -> Path:
     """``hf_hub_download`` (cached; honours HF_HUB_OFFLINE); a failure is one CapoError line."""
     from huggingface_hub import hf_hub_download
