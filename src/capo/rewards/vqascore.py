@@ -19,7 +19,7 @@ expands the ``<image>`` placeholder into a fixed number of image tokens works (l
 ShareGPT4V in llava-hf layout); other VLMs have other prompt formats in t2v_metrics and are not
 supported here.
 
-The paper's best model, CLIP-FlanT5-XXL, has no transformers class; see docs/rewards.md.
+The paper's model, CLIP-FlanT5-XXL, is the reward ``vqascore-clip-flant5`` (capo.rewards.vqascore_t5).
 """
 
 from __future__ import annotations
