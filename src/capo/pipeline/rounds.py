@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,19 +117,23 @@ def run_rounds(run: RunDir, cfg: Any, stages: dict[str, Any], dirty: bool,
     last round's model directory and whether it changed."""
     from capo.pipeline.run import STAGE
 
-    ecfg = round_evaluate_config(cfg)
+    ecfg, began = round_evaluate_config(cfg), time.time()
     curve = [curve_row(0, run, evaluate_round(run, 0, ecfg, dirty))]
+    log(f"[capo run] round 0 evaluated on {ecfg.prompts} ({time.time() - began:.1f} s)")
     for r in range(1, cfg.rounds):
         rr, cfgs = round_run(run, r), round_stages(run, cfg, stages, r)
         if dirty and rr.sample_shards():
             raise CapoError(f"holds round {r} sampled from an earlier model of round {r - 1}; use a new "
                             "--run (or remove rounds/)", path=str(rr.root))
         for name in ROUND_STAGES:
+            began = time.time()
             changed = advance(STAGE[name], rr, cfgs[name], dirty)
             dirty = changed if STAGE[name].recomputed else dirty or changed
-            log(f"[capo run] round {r} {name}: {'done' if changed else 'up to date'}")
+            state = "done" if changed else "up to date"
+            log(f"[capo run] round {r} {name}: {state} ({time.time() - began:.1f} s)")
+        began = time.time()
         curve.append(curve_row(r, run, evaluate_round(run, r, ecfg, dirty)))
-        log(f"[capo run] round {r} evaluated on {ecfg.prompts}")
+        log(f"[capo run] round {r} evaluated on {ecfg.prompts} ({time.time() - began:.1f} s)")
     if process_state().is_main_process:
         write_text_atomic(json.dumps(curve, indent=1) + "\n", run.root / "rounds" / "curve.json")
     return round_run(run, cfg.rounds - 1).model_dir, dirty
