@@ -24,6 +24,7 @@ The paper's model, CLIP-FlanT5-XXL, is the reward ``vqascore-clip-flant5`` (capo
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -89,12 +90,9 @@ def tokens_with_image(text: str, tokenizer: Any, placeholder: str, image_ids: li
     return ids
 
 
-class VQAScore(RewardModel):
-    """s(x, c) = exp(mean_k log P(a_k | x, q(c), a_<k)) in (0, 1), t2v_metrics' VQAScore.
-
-    ``model``: hub id or local directory of a transformers image-text-to-text model with its
-    processor (default ``llava-hf/llava-1.5-7b-hf``). ``question_template``: one ``{}`` (default the
-    paper's). ``answer``: default "Yes"; the eos token is appended, as t2v_metrics does.
+class AnswerLikelihoodReward(RewardModel):
+    """s(x, c) = exp(mean_k log P(a_k | x, q(c), a_<k)) in (0, 1): a VQAScore over a vision-language
+    model that subclasses load and teacher-force in ``answer_mean_log_prob``.
 
     Bradley-Terry view (docs/design.md §2.6, paper Eq. 2): for the default two-token answer, s² = P(Yes) ·
     P(</s> | Yes) is the probability that the model answers exactly "Yes"; its log-odds is the
@@ -102,11 +100,40 @@ class VQAScore(RewardModel):
     x' not, given that exactly one of them is. ``transform = "logit_of_square"``, ``bt_scale = 1``.
     """
 
-    name = "vqascore"
     needs_prompt = True
     bt_scale = 1.0
     transform = "logit_of_square"
     higher_is_better = True
+
+    def configure(
+        self, question_template: str, answer: str, device: str | torch.device | None,
+        dtype: str | torch.dtype, batch_size: int,
+    ) -> None:  # fmt: skip
+        """Check ``question_template`` (one ``{}``); set question, answer, device, dtype, batch size."""
+        if question_template.count("{}") != 1:
+            raise CapoError(f"question_template must contain '{{}}' exactly once: {question_template!r}")
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.question_template, self.answer, self.batch_size = question_template, answer, batch_size
+
+    @abc.abstractmethod
+    def answer_mean_log_prob(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        """mean_k log P(a_k | x, q(c), a_<k) over the answer tokens a_k, float32 [B]."""
+
+    def score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
+        """float32 [B]: exp(mean log P(answer tokens)) in (0, 1)."""
+        return self.answer_mean_log_prob(images, prompts).exp().cpu().numpy().astype(np.float32)
+
+
+class VQAScore(AnswerLikelihoodReward):
+    """s(x, c) = exp(mean_k log P(a_k | x, q(c), a_<k)) in (0, 1), t2v_metrics' VQAScore.
+
+    ``model``: hub id or local directory of a transformers image-text-to-text model with its
+    processor (default ``llava-hf/llava-1.5-7b-hf``). ``question_template``: one ``{}`` (default the
+    paper's). ``answer``: default "Yes"; the eos token is appended, as t2v_metrics does. Bradley-Terry
+    view: ``AnswerLikelihoodReward``.
+    """
+
+    name = "vqascore"
 
     def __init__(
         self,
@@ -117,16 +144,13 @@ class VQAScore(RewardModel):
         dtype: str | torch.dtype = "float32",
         batch_size: int = 8,
     ):
-        if question_template.count("{}") != 1:
-            raise CapoError(f"question_template must contain '{{}}' exactly once: {question_template!r}")
+        self.configure(question_template, answer, device, dtype, batch_size)
         if not answer:
             raise CapoError("answer must not be empty")
-        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.processor, self.model = load_vlm(model, self.device, self.dtype)
-        self.question_template, self.answer = question_template, answer
         tokenizer = self.processor.tokenizer
         pad = next((t for t in (tokenizer.pad_token_id, tokenizer.unk_token_id) if t is not None), 0)
-        self.pad_id, self.batch_size = int(pad), batch_size
+        self.pad_id = int(pad)
         self.vocab = int(tokenizer.vocab_size)
         self.image_ids = self.expanded_image_tokens()
         self.background = tuple(int(x * 255) for x in self.processor.image_processor.image_mean)
@@ -177,7 +201,3 @@ class VQAScore(RewardModel):
             t = torch.arange(start, len(seq), device=self.device)
             out.append(log_probs[b, t - 1, ids[b, start : len(seq)].to(self.device)].mean())
         return torch.stack(out)
-
-    def score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
-        """float32 [B]: exp(mean log P(answer tokens)) in (0, 1)."""
-        return self.answer_mean_log_prob(images, prompts).exp().cpu().numpy().astype(np.float32)

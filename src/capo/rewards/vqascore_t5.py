@@ -24,15 +24,20 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from capo.errors import CapoError
-from capo.rewards.base import RewardModel
-from capo.rewards.clip_common import freeze, hub_or_local_file, load_preprocess, resolve_device, resolve_dtype
+from capo.rewards.clip_common import freeze, hub_or_local_file, load_preprocess
 from capo.rewards.hub import hub_kwargs
-from capo.rewards.vqascore import ANSWER, QUESTION_TEMPLATE, SYSTEM_MSG, expand2square, pad_right
+from capo.rewards.vqascore import (
+    ANSWER,
+    QUESTION_TEMPLATE,
+    SYSTEM_MSG,
+    AnswerLikelihoodReward,
+    expand2square,
+    pad_right,
+)
 
 CLIP_FLANT5_MODEL = "zhiqiulin/clip-flant5-xxl"
 CLIP_FLANT5_TOKENIZER = "google/flan-t5-xxl"
@@ -116,19 +121,15 @@ def load_clip_t5(model: str | os.PathLike, device: torch.device, dtype: torch.dt
     return freeze(parts, device, dtype)
 
 
-class ClipFlanT5VQAScore(RewardModel):
+class ClipFlanT5VQAScore(AnswerLikelihoodReward):
     """s(x, c) = exp(mean_k log P(a_k | x, q(c), a_<k)) with CLIP-FlanT5, t2v_metrics' default VQAScore.
 
     ``model``: hub id or directory of a CLIP-T5 checkpoint (default ``zhiqiulin/clip-flant5-xxl``);
     ``tokenizer``: its T5 tokenizer (default ``google/flan-t5-xxl``, as t2v_metrics). Bradley-Terry
-    view as ``VQAScore``: two answer tokens, ``transform = "logit_of_square"``, ``bt_scale = 1``.
+    view as ``VQAScore`` (``AnswerLikelihoodReward``): two answer tokens.
     """
 
     name = "vqascore-clip-flant5"
-    needs_prompt = True
-    bt_scale = 1.0
-    transform = "logit_of_square"
-    higher_is_better = True
 
     def __init__(
         self,
@@ -142,15 +143,12 @@ class ClipFlanT5VQAScore(RewardModel):
     ):
         from transformers import AutoTokenizer
 
-        if question_template.count("{}") != 1:
-            raise CapoError(f"question_template must contain '{{}}' exactly once: {question_template!r}")
-        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.configure(question_template, answer, device, dtype, batch_size)
         self.model = load_clip_t5(model, self.device, self.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer), **hub_kwargs(tokenizer))
         tower = json.loads(hub_or_local_file(model, "config.json").read_text())["mm_vision_tower"]
         self.preprocess = load_preprocess(tower, crop_rounding="floor")  # CLIPImageProcessor
         self.background = tuple(int(x * 255) for x in self.preprocess.mean)
-        self.question_template, self.answer, self.batch_size = question_template, answer, batch_size
 
     def encoder_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the image (``t5_tokenizer_image_token``: each chunk ends in </s>)."""
@@ -179,7 +177,3 @@ class ClipFlanT5VQAScore(RewardModel):
         logits = self.model.t5(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
         log_probs = logits[..., : len(self.tokenizer)].float().log_softmax(dim=-1)  # [B, m, V]
         return log_probs.gather(-1, labels[..., None])[..., 0].mean(dim=-1)
-
-    def score_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
-        """float32 [B]: exp(mean log P(answer tokens)) in (0, 1)."""
-        return self.answer_mean_log_prob(images, prompts).exp().cpu().numpy().astype(np.float32)
