@@ -390,14 +390,25 @@ def register(sub: Any) -> None:
     """``capo experiment CONFIG [--out DIR] [--set KEY=VALUE ...] [--only GLOB ...] [--dry-run]``."""
     p = sub.add_parser("experiment", help="a matrix of pipeline runs sharing their data, and its tables",
                        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
-    p.add_argument("config", metavar="CONFIG",
-                   help=f"experiment YAML file, or a shipped one: {', '.join(SHIPPED)}")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="experiment directory (default: the config's 'out')")
+    add_matrix_arguments(
+        p, config=f"experiment YAML file, or a shipped one: {', '.join(SHIPPED)}",
+        out="experiment directory (default: the config's 'out')",
+        example="--set train_seeds=[0,1] or --set train.max_steps=100",
+        tables="only rewrite the tables from finished cells",
+    )  # fmt: skip
+    p.set_defaults(func=experiment_command)
+
+
+def add_matrix_arguments(
+    p: argparse.ArgumentParser, config: str, out: str, example: str, tables: str
+) -> None:
+    """CONFIG, --out, --set, --only, --dry-run, --tables-only: the options of a command over an
+    experiment matrix (``capo experiment``, ``capo sweep``), with the command's help texts."""
+    p.add_argument("config", metavar="CONFIG", help=config)
+    p.add_argument("--out", default=None, metavar="DIR", help=out)
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train_seeds=[0,1] or --set train.max_steps=100")
+                   help=f"override a setting, e.g. {example}")
     p.add_argument("--only", action="append", default=None, metavar="GLOB",
                    help="run only the cells whose MODEL/NAME matches, e.g. 'vp/*' (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
-    p.add_argument("--tables-only", action="store_true", help="only rewrite the tables from finished cells")
-    p.set_defaults(func=experiment_command)
+    p.add_argument("--tables-only", action="store_true", help=tables)

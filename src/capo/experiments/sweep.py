@@ -34,6 +34,7 @@ import yaml
 from capo.errors import CapoError
 from capo.experiments.evaluation import IMAGES, decode_png
 from capo.experiments.matrix import CellRef, ExperimentConfig, Layout, Plan
+from capo.experiments.runner import add_matrix_arguments, config_path, resolve_stages, run_experiment
 from capo.pipeline.rundir import write_text_atomic
 
 Stat = dict[str, Any]
@@ -168,7 +169,6 @@ def write_sweep(layout: Layout, template_lr: float) -> str:
 
 def sweep_command(args: argparse.Namespace) -> None:
     from capo.experiments.matrix import expand, load_experiment
-    from capo.experiments.runner import config_path, resolve_stages, run_experiment
 
     path = config_path(args.config)
     cfg = load_experiment(path, [*(args.set or []), "tables=[sweep]"], args.out)
@@ -196,13 +196,9 @@ def register(sub: Any) -> None:
     """``capo sweep CONFIG [--out DIR] [--set KEY=VALUE ...] [--only GLOB] [--dry-run] [--tables-only]``."""
     p = sub.add_parser("sweep", help="choose each objective's beta (and lr) on validation prompts",
                        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1])
-    p.add_argument("config", metavar="CONFIG",
-                   help="experiment YAML file with sweep_betas, or the shipped one: sweep")
-    p.add_argument("--out", default=None, metavar="DIR", help="sweep directory (default: the config's 'out')")
-    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set 'sweep_betas={capo: [10, 100]}'")
-    p.add_argument("--only", action="append", default=None, metavar="GLOB",
-                   help="run only the cells whose MODEL/NAME matches, e.g. 'vp/*' (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
-    p.add_argument("--tables-only", action="store_true", help="only rewrite OUT/sweep/ from finished cells")
+    add_matrix_arguments(
+        p, config="experiment YAML file with sweep_betas, or the shipped one: sweep",
+        out="sweep directory (default: the config's 'out')",
+        example="--set 'sweep_betas={capo: [10, 100]}'", tables="only rewrite OUT/sweep/ from finished cells",
+    )  # fmt: skip
     p.set_defaults(func=sweep_command)
