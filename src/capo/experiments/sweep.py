@@ -112,12 +112,13 @@ def choose(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     return chosen
 
 
-def chosen_yaml(chosen: dict[tuple[str, str], dict[str, Any]], template_lr: float) -> str:
-    """``hyper: {MODEL: {OBJECTIVE: {beta, learning_rate}}}`` of the chosen rows."""
+def chosen_yaml(chosen: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """``hyper: {MODEL: {OBJECTIVE: {beta[, learning_rate]}}}`` of the chosen rows (the learning
+    rate only when the sweep varied it; otherwise the train section's stays)."""
     hyper: dict[str, dict[str, Any]] = {}
     for (model, objective), row in chosen.items():
-        hyper.setdefault(model, {})[objective] = {"beta": row["beta"],
-                                                  "learning_rate": row["lr"] if row["lr"] else template_lr}
+        lr = {} if row["lr"] is None else {"learning_rate": row["lr"]}
+        hyper.setdefault(model, {})[objective] = {"beta": row["beta"], **lr}
     return yaml.safe_dump({"hyper": hyper}, sort_keys=False)
 
 
@@ -146,7 +147,7 @@ def markdown(rows: list[dict[str, Any]], chosen: dict, declared: dict[str, Any])
     return "\n".join(lines) + "\n"
 
 
-def write_sweep(layout: Layout, template_lr: float) -> str:
+def write_sweep(layout: Layout) -> str:
     """OUT/sweep/: sweep.md, sweep.json, chosen.yaml, frontier-MODEL.png; returns sweep.md's text."""
     from capo.report.plots import frontier
 
@@ -159,7 +160,7 @@ def write_sweep(layout: Layout, template_lr: float) -> str:
     text = markdown(rows, chosen, declared)
     write_text_atomic(text, out / "sweep.md")
     write_text_atomic(json.dumps({"declared": declared, "rows": rows}, indent=1) + "\n", out / "sweep.json")
-    write_text_atomic(chosen_yaml(chosen, template_lr), out / "chosen.yaml")
+    write_text_atomic(chosen_yaml(chosen), out / "chosen.yaml")
     for model in dict.fromkeys(r["model"] for r in rows):
         frontier([r for r in rows if r["model"] == model], out / f"frontier-{model}.png",
                  f"base model {model}, {declared['prompts']}: criterion {declared['criterion']}; "
@@ -188,7 +189,7 @@ def sweep_command(args: argparse.Namespace) -> None:
     declare(layout, cfg)
     if not args.tables_only:
         run_experiment(cfg, stages, args.only)
-    print(write_sweep(layout, stages.train.learning_rate), end="")
+    print(write_sweep(layout), end="")
     print(f"[capo sweep] chosen values in {layout.root / 'sweep' / 'chosen.yaml'}")
 
 
