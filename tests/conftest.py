@@ -6,7 +6,10 @@ The suite is written for the CPU (CI has no GPU). On a machine with CUDA, every 
 resolve as in CI. Tests marked ``gpu`` see the GPU, and are skipped where there is none.
 """
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +69,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines():
+    """The module tests/models/tiny_pipelines.py (tiny random-weight pipelines of every family:
+    ``BUILDERS[family](root)``), imported once and shared by the test packages."""
+    if "tiny_pipelines" not in sys.modules:
+        path = Path(__file__).resolve().parent / "models" / "tiny_pipelines.py"
+        spec = importlib.util.spec_from_file_location("tiny_pipelines", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["tiny_pipelines"] = module
+    return sys.modules["tiny_pipelines"]

@@ -22,17 +22,6 @@ SETS = ["rewards=[shapes-alignment, shapes-aesthetic]", "objectives=[capo]", "ke
         "evaluate.grid_prompts=2", "torch_threads=1"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from capo.models.shapes import build_shapes_model
-
-    threads = torch.get_num_threads()
-    root = tmp_path_factory.mktemp("tiny")
-    build_shapes_model("vp", size="tiny", seed=0).save_pretrained(str(root / "vp"))
-    yield str(root / "vp")
-    torch.set_num_threads(threads)
-
-
 def experiment(tiny: str, out, *extra: str):
     cfg = load_experiment(config_path("smoke"), [f"models={{vp: {tiny}}}", *SETS, *extra], out=str(out))
     return cfg, resolve_stages(cfg)

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from capo.cli import main
@@ -47,17 +46,6 @@ def test_choice_is_the_best_criterion_then_the_smaller_divergence():
     chosen = choose(rows)
     assert {k: v["beta"] for k, v in chosen.items()} == {("vp", "capo"): 100, ("vp", "dpo"): 100,
                                                          ("flow", "capo"): 10}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from capo.models.shapes import build_shapes_model
-
-    threads = torch.get_num_threads()
-    root = tmp_path_factory.mktemp("tiny")
-    build_shapes_model("vp", size="tiny", seed=0).save_pretrained(str(root / "vp"))
-    yield str(root / "vp")
-    torch.set_num_threads(threads)
 
 
 def _args(tiny, out, *extra):

@@ -9,9 +9,7 @@ weights, so the tuned model differs from its base.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,20 +22,9 @@ from capo.pipeline.integrity import write_manifest
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.train import FULL_FILE, LORA_FILE, TrainConfig
 
-TINY = Path(__file__).resolve().parents[1] / "models" / "tiny_pipelines.py"
 #: loader options of the tiny pipelines (their T5 tokenizers are short)
 TINY_OPTIONS = {"sd": {}, "sdxl": {}, "sd3": {"max_sequence_length": 32}, "flux": {"max_sequence_length": 32}}
 LORA_RANK, LORA_ALPHA = 4, 8.0  # scale alpha / r = 2: the export must keep it
-
-
-def tiny_pipelines():
-    """tests/models/tiny_pipelines.py, imported once (shared with the other test packages)."""
-    if "tiny_pipelines" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tiny_pipelines", TINY)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["tiny_pipelines"] = module
-    return sys.modules["tiny_pipelines"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,13 +33,13 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
+def tiny_models(tmp_path_factory, tiny_pipelines) -> dict[str, Path]:
     """family -> a tiny random-weight pipeline saved with save_pretrained (built on first use)."""
     root, built = tmp_path_factory.mktemp("tiny"), {}
 
     class Lazy(dict):
         def __missing__(self, family: str) -> Path:
-            built[family] = tiny_pipelines().BUILDERS[family](root)
+            built[family] = tiny_pipelines.BUILDERS[family](root)
             self[family] = built[family]
             return built[family]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from diffusers import EulerDiscreteScheduler
-from test_real_families_cli import _tiny_pipelines  # tests/models/tiny_pipelines.py, loaded once
 
 from capo.cli import main
 from capo.config import from_dict
@@ -18,9 +17,9 @@ from capo.rewards.shapes import WEIGHTS_DIR
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_model_options_are_recorded_and_reused(tmp_path):
+def test_model_options_are_recorded_and_reused(tmp_path, tiny_pipelines):
     run = tmp_path / "run"
-    model = _tiny_pipelines().build_sd(tmp_path)
+    model = tiny_pipelines.build_sd(tmp_path)
     argv = ["generate", "--run", run, "--model", model, "--prompts", "shapes:train", "--num-prompts", 2,
             "--samples-per-prompt", 2, "--steps", 2, "--device", "cpu",
             "--model-options", "{scheduler: euler, resolution: 16}"]

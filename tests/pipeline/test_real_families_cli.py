@@ -3,11 +3,8 @@ capo generate -> score -> calibrate -> select -> train (LoRA) -> evaluate."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,19 +16,8 @@ from capo.pipeline.train import apply_trained, trained_state_dict
 from capo.pipeline.trainset import PairSet
 from capo.schedules import add_noise
 
-TINY = Path(__file__).resolve().parents[1] / "models" / "tiny_pipelines.py"
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 REWARD = "shapes-aesthetic"  # prompt-blind, resizes any image to 32×32, no weights to load
-
-
-def _tiny_pipelines():
-    """tests/models/tiny_pipelines.py (shared with the adapter tests), imported once."""
-    if "tiny_pipelines" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tiny_pipelines", TINY)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["tiny_pipelines"] = module
-    return sys.modules["tiny_pipelines"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -51,8 +37,8 @@ def _denoise_on_cache(run: RunDir, adapter) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_end_to_end(family, tmp_path):
-    model = _tiny_pipelines().BUILDERS[family](tmp_path)
+def test_family_end_to_end(family, tmp_path, tiny_pipelines):
+    model = tiny_pipelines.BUILDERS[family](tmp_path)
     run_dir = tmp_path / "run"
     _cli("generate", "--run", run_dir, "--model", model, "--prompts", "shapes:train", "--num-prompts", 3,
          "--samples-per-prompt", 3, "--steps", 2, "--batch-size", 9, "--device", "cpu")
