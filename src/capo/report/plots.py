@@ -33,7 +33,12 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Any, path: Path, title: str | None = None, wrap: int = 80) -> None:
+    """Lay ``fig`` out (under ``title`` wrapped at ``wrap`` characters, if given), write it to
+    ``path`` as PNG atomically and close it."""
+    if title is not None:
+        fig.suptitle("\n".join(textwrap.wrap(title, wrap)), fontsize=8)
+    fig.tight_layout()
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -72,7 +77,6 @@ def training_curves(runs: dict[str, Path], path: Path, tags: Sequence[str] = TRA
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
     _save(fig, path)
     return True
 
@@ -107,9 +111,7 @@ def calibrated_scatter(R_ca: np.ndarray, names: Sequence[str], positive: np.ndar
         ax.set_ylabel(names[k], fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle("\n".join(textwrap.wrap(title, 80)), fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, title)
     return True
 
 
@@ -152,7 +154,6 @@ def round_curves(curve: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xticks(rounds)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, path)
     return True
 
@@ -176,7 +177,6 @@ def overopt_curves(models: dict[str, dict[str, Any]], path: Path) -> bool:
             ax.set_xlabel("training step", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, path)
     return True
 
@@ -235,7 +235,5 @@ def frontier(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         ax.set_xlabel("divergence: image MSD vs base", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, title, wrap=110)
     return True
