@@ -11,6 +11,7 @@ import huggingface_hub
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from export_runs import write_run
 from test_families import capo_latents, diffusers_latents
 
 from capo.cli import main
@@ -24,7 +25,6 @@ from capo.pipeline.integrity import write_manifest
 from capo.pipeline.prompts import load_prompts
 from capo.pipeline.rundir import RunDir
 from capo.pipeline.train import LORA_FILE, apply_trained
-from conftest import write_run
 
 SHAPES_PROMPTS = [p.prompt for p in load_prompts("shapes:heldout")[:2]]
 SEEDS = [5, 6]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
+from export_runs import LORA_ALPHA, LORA_RANK, TINY_OPTIONS, write_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -17,7 +18,6 @@ from capo.cli import main
 from capo.models.diffusers_common import initial_noise
 from capo.pipeline.generate import load_base
 from capo.pipeline.train import apply_trained, trained_state_dict
-from conftest import LORA_ALPHA, LORA_RANK, TINY_OPTIONS, write_run
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 PROMPTS = ["a red circle", "two blue squares"]
