@@ -248,9 +248,6 @@ def optimizer_step(tr: Trainer, step: int, batch: PairBatch | None = None) -> di
     return metrics
 
 
-#: settings that most often make a loss or gradient overflow, named in the error
-
-
 def check_finite_step(step: int, metrics: dict[str, float]) -> None:
     """A non-finite loss or gradient norm stops training before the update, naming the step."""
     for key in ("loss", "grad_norm"):
