@@ -104,6 +104,8 @@ def test_divergence_is_zero_for_the_base_and_grows_with_the_change(swept, tmp_pa
     pq.write_table(pa.table({"base": [png_bytes(black)] * 2, "tuned": [png_bytes(black), png_bytes(grey)]}),
                    tmp_path / "e" / "images.parquet")
     assert image_msd(tmp_path / "e") == pytest.approx(0.5 * 0.2**2)  # (51/255)^2 on one of two images
+    (tmp_path / "e" / "results.json").write_text(json.dumps({"divergence": 0.25}))  # recorded: read
+    assert image_msd(tmp_path / "e") == 0.25
 
 
 def test_the_criterion_cannot_change_and_test_is_refused(swept, tiny, capsys):

@@ -51,7 +51,8 @@ def test_same_weights_tie_everywhere(tmp_path, models):
     base, same, _ = models
     run = make_run(tmp_path, base)
     results = evaluate(run, config(same, out=str(run.eval_dir)))  # --tuned: RUN/eval only if asked
-    assert set(results) == {"rewards", "gold"}
+    assert set(results) == {"rewards", "gold", "divergence"}
+    assert results["divergence"] == 0.0  # same weights, same noise: the same images
     for name in REWARDS:
         r = results["rewards"][name]
         assert set(r) == KEYS
@@ -66,6 +67,7 @@ def test_same_weights_tie_everywhere(tmp_path, models):
     lines = (run.eval_dir / "scores.csv").read_text().splitlines()
     assert len(lines) == 1 + 6 * 2 and "shapes-alignment/base" in lines[0]
     assert lines[0].startswith('"prompt_id","category","seed_idx"') and '"gold/base","gold/tuned"' in lines[0]
+    assert lines[0].endswith('"image_msd"')
 
 
 def test_experiment_evaluates_like_capo_evaluate(tmp_path, models):
@@ -90,6 +92,19 @@ def test_other_weights_differ_and_interval_contains_rate(tmp_path, models):
     # random tiny models draw no objects (alignment sits at its floor), but aesthetics differ
     aesthetic = results["rewards"]["shapes-aesthetic"]
     assert aesthetic["mean_base"] != aesthetic["mean_tuned"] and aesthetic["win_rate"] != 50.0
+    assert 0.0 < results["divergence"] < 1.0
+
+
+def test_image_msd_by_hand():
+    """One pixel of a 2x2 image moved from 0 to 1 in one channel: 1 / (2 * 2 * 3); a 255 -> 0
+    change everywhere: 1."""
+    from capo.pipeline.evaluation import image_msd
+
+    black = Image.new("RGB", (2, 2))
+    one = black.copy()
+    one.putpixel((1, 0), (255, 0, 0))
+    white = Image.new("RGB", (2, 2), (255, 255, 255))
+    assert image_msd([black, black, white], [one, black, black]) == pytest.approx([1 / 12, 0.0, 1.0])
 
 
 def test_markdown_is_table2_layout():

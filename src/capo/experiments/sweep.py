@@ -35,6 +35,7 @@ from capo.errors import CapoError
 from capo.experiments.evaluation import IMAGES, decode_png
 from capo.experiments.matrix import CellRef, ExperimentConfig, Layout, Plan
 from capo.experiments.runner import add_matrix_arguments, config_path, resolve_stages, run_experiment
+from capo.pipeline.evaluation import image_msd as msd_of
 from capo.pipeline.rundir import write_text_atomic
 
 Stat = dict[str, Any]
@@ -49,12 +50,16 @@ TEST_SETS = ("shapes:test", "shapes:heldout")
 
 
 def image_msd(eval_dir: Path) -> float:
-    """Mean over evaluated images of mean((x_tuned - x_base)^2), pixels scaled to [0, 1], from the
-    evaluation's images.parquet (base and tuned share each initial noise)."""
+    """Mean over evaluated images of their divergence from the base (``evaluation.image_msd``):
+    results.json's ``divergence``, or (evaluations written before it was recorded) recomputed from
+    images.parquet (base and tuned share each initial noise)."""
+    path = eval_dir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if "divergence" in results:
+        return float(results["divergence"])
     table = pq.read_table(eval_dir / IMAGES, columns=["base", "tuned"]).to_pydict()
-    arr = lambda b: np.asarray(decode_png(b), dtype=np.float64) / 255.0  # noqa: E731
-    return float(np.mean([np.mean((arr(t) - arr(b)) ** 2) for b, t in zip(table["base"], table["tuned"],
-                                                                            strict=True)]))
+    base, tuned = ([decode_png(x) for x in table[g]] for g in ("base", "tuned"))
+    return float(np.mean(msd_of(base, tuned)))
 
 
 def divergence(layout: Layout, plan: Plan, refs: tuple[CellRef, ...]) -> float | None:

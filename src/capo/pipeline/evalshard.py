@@ -4,9 +4,9 @@ The items (prompt, seed index) are cut into global chunks of ``chunk_size`` prom
 prompts [c*K, (c+1)*K), all their seeds); rank r of W takes the chunks with c mod W = r, samples
 them with the base and then the tuned model, scores them (one reward loaded at a time) and writes
 one part per chunk, ``eval/.parts-HASH/part-RRRRR-CCCCC.parquet`` (per item: the raw scores of
-base and tuned for each reward and the gold verdicts, and the PNGs of the items shown in
-grid.png). When every rank is done, the main process merges the parts in chunk order and writes
-eval/ with :meth:`Evaluation.write`. Sampling and scoring batches never mix chunks, so any W gives
+base and tuned for each reward and the gold verdicts, the image_msd, and the PNGs of the items
+shown in grid.png). When every rank is done, the main process merges the parts in chunk order and
+writes eval/ with :meth:`Evaluation.write`. Sampling and scoring batches never mix chunks, so any W gives
 the same files; HASH covers every setting, the base model and the tuned weights' files, so a rerun
 with the same ones (any W) skips the chunks already scored, and other settings never reuse them.
 """
@@ -28,7 +28,7 @@ from PIL import Image
 
 from capo.config import to_dict
 from capo.errors import CapoError
-from capo.pipeline.evaluation import GOLD, Evaluation
+from capo.pipeline.evaluation import GOLD, Evaluation, image_msd
 from capo.pipeline.generate import png_bytes, process_state
 from capo.pipeline.rundir import RunDir, shard_files, shard_name, write_table_atomic
 from capo.pipeline.tuned import apply_trained
@@ -56,7 +56,8 @@ def parts_dir(out: Path, ev: Evaluation, tuned_dir: Path) -> Path:
     settings, the base model and the tuned weights' files."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in tuned_dir.iterdir()
                    if p.is_file())
-    key = {"spec": ev.spec, "evaluate": to_dict(ev.cfg), "names": ev.names, "steps": ev.steps,
+    # "parts": the part format (2: with image_msd), so parts of an older format are not reused
+    key = {"parts": 2, "spec": ev.spec, "evaluate": to_dict(ev.cfg), "names": ev.names, "steps": ev.steps,
            "guidance": ev.guidance, "tuned": str(tuned_dir.resolve()), "files": files}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return out / f".parts-{digest}"
@@ -90,13 +91,14 @@ def score_chunks(ev: Evaluation, mine: dict[int, Evaluation],
 
 def part_table(ev: Evaluation, sub: Evaluation, first: int, scores: Scores,
                images: dict[str, list[Image.Image]]) -> pa.Table:
-    """One chunk's part: prompt_id, seed_idx, NAME/base, NAME/tuned (rewards, then gold), and
-    png/base, png/tuned (null except for grid.png's items; ``first`` = the chunk's first item)."""
+    """One chunk's part: prompt_id, seed_idx, NAME/base, NAME/tuned (rewards, then gold), image_msd,
+    and png/base, png/tuned (null except for grid.png's items; ``first`` = the chunk's first item)."""
     grid = grid_items(ev)
     cols: dict[str, Any] = {"prompt_id": [p.prompt_id for p, _ in sub.items],
                             "seed_idx": [s for _, s in sub.items]}
     for name in scores["tuned"]:
         cols[f"{name}/base"], cols[f"{name}/tuned"] = scores["base"][name], scores["tuned"][name]
+    cols["image_msd"] = image_msd(images["base"], images["tuned"])
     for g in GROUPS:
         cols[f"png/{g}"] = pa.array([png_bytes(im) if first + i in grid else None
                                      for i, im in enumerate(images[g])], pa.binary())
@@ -126,9 +128,9 @@ def evaluate_mine(ev: Evaluation, tuned_dir: Path, where: Path) -> None:
                            where / shard_name(state.process_index, c))
 
 
-def merge(ev: Evaluation, where: Path) -> tuple[tuple[list, list], Scores]:
+def merge(ev: Evaluation, where: Path) -> tuple[tuple[list, list], Scores, np.ndarray]:
     """The parts of every chunk, in chunk order: (base and tuned images, None except grid.png's
-    items), scores per group; sets ``ev.higher`` from the parts."""
+    items), scores per group, image_msd [N]; sets ``ev.higher`` from the parts."""
     parts, n_chunks = shard_files(where), len(chunks(ev))
     if sorted(parts) != list(range(n_chunks)):
         raise CapoError(f"evaluate: {n_chunks - len(parts)} chunk(s) not scored; rerun", path=str(where))
@@ -141,7 +143,7 @@ def merge(ev: Evaluation, where: Path) -> tuple[tuple[list, list], Scores]:
     scores = {g: {n: table.column(f"{n}/{g}").to_numpy() for n in names} for g in GROUPS}
     images = tuple([None if png is None else Image.open(io.BytesIO(png))
                     for png in table.column(f"png/{g}").to_pylist()] for g in GROUPS)
-    return images, scores  # type: ignore[return-value]
+    return images, scores, table.column("image_msd").to_numpy()  # type: ignore[return-value]
 
 
 def evaluate_sharded(run: RunDir, ev: Evaluation, tuned_dir: Path, out: Path | None = None) -> dict[str, Any]:
@@ -153,8 +155,8 @@ def evaluate_sharded(run: RunDir, ev: Evaluation, tuned_dir: Path, out: Path | N
     evaluate_mine(ev, tuned_dir, where)
     state.wait_for_everyone()
     if state.is_main_process:
-        images, scores = merge(ev, where)
-        ev.write(run, images, scores["base"], scores["tuned"], out)
+        images, scores, msd = merge(ev, where)
+        ev.write(run, images, scores["base"], scores["tuned"], out, msd)
         if out == run.eval_dir:  # the run's own evaluation (what `capo run` checks)
             run.save_config("evaluate", to_dict(ev.cfg))
         for stale in out.glob(".parts-*"):

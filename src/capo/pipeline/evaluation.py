@@ -7,9 +7,11 @@ sample_seed(seed, prompt_id, s); each reward scores every image; the gold checke
 shapes prompts. It writes eval/results.json (per reward the win-rate (%) of tuned over base, ties
 1/2, with a bootstrap 95% interval over prompts, and the mean raw scores: the paper's Table 2
 layout; gold accuracy per category: Table 3), results.md, scores.csv (raw scores per image:
-prompt_id, category, seed_idx, then NAME/base, NAME/tuned per reward and gold/base, gold/tuned)
-and grid.png. ``capo evaluate`` (``capo.pipeline.evaluate``, over processes with
-``capo.pipeline.evalshard``) uses it for one tuned model, ``capo experiment``
+prompt_id, category, seed_idx, then NAME/base, NAME/tuned per reward and gold/base, gold/tuned,
+then image_msd, the item's divergence from the base) and grid.png. results.json's ``divergence``
+is the mean image_msd over the items: how far the tuned model moved from the base (the x axis of
+the reward-divergence frontiers, docs/results.md). ``capo evaluate`` (``capo.pipeline.evaluate``,
+over processes with ``capo.pipeline.evalshard``) uses it for one tuned model, ``capo experiment``
 (``capo.experiments.evaluation``) for many tuned models against one cached base; subsets of the
 items can be sampled and scored separately.
 """
@@ -45,6 +47,13 @@ Item = tuple[Prompt, int]
 initial noise of seed sample_seed(cfg.seed, prompt_id, s)."""
 
 GOLD = "gold"  # the gold checker's verdicts (1.0 = correct), scored beside the rewards
+
+
+def image_msd(base: list[Image.Image], tuned: list[Image.Image]) -> np.ndarray:
+    """Divergence of each item from the base [N]: mean over pixels and channels of
+    (x_tuned - x_base)^2, pixels scaled to [0, 1]; base and tuned images [N] share initial noise."""
+    arr = lambda im: np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0  # noqa: E731
+    return np.array([np.mean((arr(t) - arr(b)) ** 2) for b, t in zip(base, tuned, strict=True)])
 
 
 def items_of(prompts: list[Prompt], seeds: int) -> list[Item]:
@@ -175,26 +184,31 @@ class Evaluation:
                          "n": {c: cats.count(c) for c in out_categories(cats)}}
         return out
 
-    def scores_table(self, base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> pa.Table:
-        """scores.csv: prompt_id, category, seed_idx, then NAME/base, NAME/tuned per reward (and gold)."""
+    def scores_table(self, base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], msd: np.ndarray
+                     ) -> pa.Table:
+        """scores.csv: prompt_id, category, seed_idx, then NAME/base, NAME/tuned per reward (and gold),
+        then image_msd [N]."""
         cols: dict[str, Any] = {"prompt_id": [p.prompt_id for p, _ in self.items],
                                 "category": [p.category for p, _ in self.items],
                                 "seed_idx": [s for _, s in self.items]}
         for name in tuned:
             cols[f"{name}/base"], cols[f"{name}/tuned"] = base[name], tuned[name]
+        cols["image_msd"] = msd
         return pa.table(cols)
 
     def write(self, run: RunDir, images: tuple[list[Image.Image], list[Image.Image]],
-              base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], out: Path | None = None
-              ) -> dict[str, Any]:
+              base: dict[str, np.ndarray], tuned: dict[str, np.ndarray], out: Path | None = None,
+              msd: np.ndarray | None = None) -> dict[str, Any]:
         """eval/results.json, results.md, scores.csv (raw scores per image) and grid.png (first
-        seed of the first cfg.grid_prompts prompts), atomically; returns the results."""
-        results = self.results(base, tuned)
+        seed of the first cfg.grid_prompts prompts), atomically; returns the results. ``msd``: the
+        items' image_msd [N] (None: computed from ``images``, which must then be complete)."""
+        msd = image_msd(*images) if msd is None else msd
+        results = {**self.results(base, tuned), "divergence": float(np.mean(msd))}
         out = out or run.eval_dir
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json.dumps(results, indent=1) + "\n", out / "results.json")
         write_text_atomic(results_markdown(results), out / "results.md")
-        pacsv.write_csv(self.scores_table(base, tuned), out / ".scores.csv.tmp")
+        pacsv.write_csv(self.scores_table(base, tuned, msd), out / ".scores.csv.tmp")
         (out / ".scores.csv.tmp").replace(out / "scores.csv")
         first = [i for i, (_, s) in enumerate(self.items) if s == 0][: self.cfg.grid_prompts]
         image_grid([self.items[i][0].prompt for i in first], [images[0][i] for i in first],
