@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Online CaPO against offline CaPO (and DPO) in the shapes world, shapes-vp, with the same total
-# number of generated samples and training steps (docs/results.md, "Online CaPO").
+# Online CaPO against offline CaPO (and DPO) in the shapes world, with the same total number of
+# generated samples and training steps (docs/results.md, "Online CaPO").
 #
-#   bash bench/online_compare.sh OUT SEED [SEED ...]      # then: python bench/online_table.py OUT
+#   MODEL=shapes-vp BETA_CAPO=100 BETA_DPO=1000 bash bench/online_compare.sh OUT SEED [SEED ...]
+#   python bench/online_table.py OUT [--split eval-test] [--plot OUT/frontier.png]
 #
 # Per objective (capo, dpo; the run's other settings from configs/shapes-online.yaml) and seed:
 #   offline          1 round: P prompts x N samples, STEPS steps
@@ -12,11 +13,14 @@
 #                    from online-base: it is the same computation)
 # Every model is evaluated on the validation prompts (evaluate.images_per_category=EVAL_IPC); with
 # TEST=1 the finished models are then evaluated once on the test prompts (OUT/RUN/eval-test).
-# Sizes: P, N, STEPS, K, EVAL_IPC, ROUND_IPC (the per-round curve points) in the environment.
+# Sizes: P, N, STEPS, K, EVAL_IPC, ROUND_IPC (the per-round curve points) in the environment;
+# MODEL (default shapes-vp), and each objective's beta and learning rate, BETA_CAPO, BETA_DPO,
+# LR_CAPO, LR_DPO (default: the config's train section; use the values capo sweep chose on
+# validation).
 set -euo pipefail
 OUT=$1; shift
 P=${P:-96} N=${N:-8} STEPS=${STEPS:-120} K=${K:-3} EVAL_IPC=${EVAL_IPC:-16} ROUND_IPC=${ROUND_IPC:-4}
-CONFIG=${CONFIG:-src/capo/configs/shapes-online.yaml}
+CONFIG=${CONFIG:-src/capo/configs/shapes-online.yaml} MODEL=${MODEL:-shapes-vp}
 mkdir -p "$OUT"
 
 base_of() {  # copy the finished round 0 of $1 into $2 (everything a rerun finds up to date)
@@ -28,7 +32,9 @@ base_of() {  # copy the finished round 0 of $1 into $2 (everything a rerun finds
 
 for seed in "$@"; do
   for obj in capo dpo; do
-    common=(--config "$CONFIG" --set generate.num_prompts="$P" --set generate.seed="$seed"
+    beta_var="BETA_${obj^^}" lr_var="LR_${obj^^}" && beta=${!beta_var:-} lr=${!lr_var:-}
+    common=(--config "$CONFIG" --set generate.model="$MODEL" --set generate.num_prompts="$P" --set generate.seed="$seed"
+            ${beta:+--set train.beta="$beta"} ${lr:+--set train.learning_rate="$lr"}
             --set train.seed="$seed" --set train.objective="$obj" --set train.log_with=none
             --set evaluate.images_per_category="$EVAL_IPC"
             --set round_evaluate.images_per_category="$ROUND_IPC")

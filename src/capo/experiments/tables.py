@@ -47,11 +47,12 @@ class Scores:
     tuned: dict[str, np.ndarray]
 
 
-def read_scores(eval_dir: Path) -> Scores | None:
-    """Scores of a finished evaluation (eval/scores.csv), None if it has not finished. A balanced
-    evaluation's prompts have different numbers of seeds: the [P, S_max] arrays hold
-    ``stats.MISSING`` where a prompt has no such seed."""
-    if not (eval_dir / IMAGES).is_file():
+def read_scores(eval_dir: Path, done: str = IMAGES) -> Scores | None:
+    """Scores of a finished evaluation (eval/scores.csv), None if it has not finished (its file
+    ``done``, written last, is missing: images.parquet for an experiment's cell, scores.csv for
+    ``capo evaluate``). A balanced evaluation's prompts have different numbers of seeds: the
+    [P, S_max] arrays hold ``stats.MISSING`` where a prompt has no such seed."""
+    if not (eval_dir / done).is_file():
         return None
     t = pacsv.read_csv(eval_dir / "scores.csv").to_pydict()
     prompts = list(dict.fromkeys(t["prompt_id"]))

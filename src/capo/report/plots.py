@@ -203,10 +203,11 @@ def category_grids(images_parquet: Path, out_dir: Path, prefix: str, per_categor
     return out
 
 
-def frontier(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+def frontier(rows: list[dict[str, Any]], path: Path, title: str, lines: bool = True) -> bool:
     """Reward-divergence frontier of a sweep (``capo.experiments.sweep``): one panel per reward (and
     gold, for reading only), win-rate (%) with its 95% interval against the divergence from the
-    base, one line per objective through its grid points (labelled β), the chosen point starred."""
+    base, one line per objective through its grid points (labelled β, or a row's ``label``), the
+    chosen point starred; ``lines=False``: markers only (points that are not a grid)."""
     rows = [r for r in rows if r["divergence"] is not None and r["criterion"] is not None]
     if not rows:
         return False
@@ -221,9 +222,11 @@ def frontier(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
             x = [r["divergence"] for r in pts]
             y = np.array([s["value"] for s in stats_])
             err = np.array([[v - s["low"], s["high"] - v] for v, s in zip(y, stats_, strict=True)]).T
-            line = ax.errorbar(x, y, yerr=err, marker="o", ms=3, lw=1.0, capsize=2, label=objective)
+            line = ax.errorbar(x, y, yerr=err, marker="o", ms=3, lw=1.0 if lines else 0.0, capsize=2,
+                               label=objective)
             for r, xi, yi in zip(pts, x, y, strict=True):
-                ax.annotate(f"{r['beta']:g}", (xi, yi), fontsize=5, xytext=(2, 2), textcoords="offset points")
+                ax.annotate(r.get("label", f"{r['beta']:g}"), (xi, yi), fontsize=5, xytext=(2, 2),
+                            textcoords="offset points")
                 if r.get("chosen"):
                     ax.scatter([xi], [yi], marker="*", s=90, color=line[0].get_color(), zorder=5)
         if panel == "gold":
