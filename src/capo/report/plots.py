@@ -222,8 +222,8 @@ def frontier(rows: list[dict[str, Any]], path: Path, title: str, lines: bool = T
             x = [r["divergence"] for r in pts]
             y = np.array([s["value"] for s in stats_])
             err = np.array([[v - s["low"], s["high"] - v] for v, s in zip(y, stats_, strict=True)]).T
-            line = ax.errorbar(x, y, yerr=err, marker="o", ms=3, lw=1.0 if lines else 0.0, capsize=2,
-                               label=objective)
+            line = ax.errorbar(x, y, yerr=err, marker="o", ms=3, lw=1.0, ls="-" if lines else "none",
+                               capsize=2, label=objective)
             for r, xi, yi in zip(pts, x, y, strict=True):
                 ax.annotate(r.get("label", f"{r['beta']:g}"), (xi, yi), fontsize=5, xytext=(2, 2),
                             textcoords="offset points")
